@@ -1,0 +1,31 @@
+"""keras_bn: batch normalization for Keras 3 on TensorFlow.
+
+`BatchNorm` is the layer, `batch_norm` the same math as a pure function.
+"""
+
+import os as _os
+
+# Keras picks its backend once, at first import; this package is built on
+# TensorFlow's ops, so a different backend is an error, not a silent mix.
+if _os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    raise ImportError(
+        "keras_bn needs the TensorFlow backend of Keras; received "
+        f"KERAS_BACKEND={_os.environ['KERAS_BACKEND']!r}. Unset it or set "
+        "KERAS_BACKEND=tensorflow."
+    )
+
+try:
+    import tensorflow as _tf  # noqa: F401
+except ImportError as _error:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "keras_bn needs TensorFlow. Install it with the package's extra: "
+        "`pip install 'keras_bn[cpu]'` (CPU wheel) or "
+        "`pip install 'keras_bn[gpu]'` (NVIDIA GPUs)."
+    ) from _error
+
+from keras_bn.layer import BatchNorm
+from keras_bn.ops import batch_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["BatchNorm", "batch_norm"]

@@ -1,0 +1,42 @@
+"""A float64 NumPy reference for batch normalization, written from the
+formula and sharing no code with keras_bn."""
+
+import numpy as np
+
+
+def np_batch_norm(
+    x, gamma, beta, moving_mean, moving_var, *, training, momentum=0.9,
+    epsilon=1e-5, axis=-1,
+):
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    moving_mean = np.asarray(moving_mean, np.float64)
+    moving_var = np.asarray(moving_var, np.float64)
+    if training:
+        mean = x.mean(axis=axes)
+        var = x.var(axis=axes)  # ddof=0: the biased variance
+        new_mean = momentum * moving_mean + (1 - momentum) * mean
+        new_var = momentum * moving_var + (1 - momentum) * var
+    else:
+        mean, var = moving_mean, moving_var
+        new_mean, new_var = moving_mean, moving_var
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
+    if gamma is not None:
+        y = y * np.asarray(gamma, np.float64).reshape(shape)
+    if beta is not None:
+        y = y + np.asarray(beta, np.float64).reshape(shape)
+    return y, new_mean, new_var
+
+
+def random_params(channels, seed=0):
+    """gamma, beta, moving_mean, moving_var away from their defaults, so a
+    swapped or ignored parameter shows in the result."""
+    rng = np.random.RandomState(seed)
+    gamma = rng.uniform(0.5, 2.0, channels)
+    beta = rng.uniform(-1.0, 1.0, channels)
+    moving_mean = rng.uniform(-1.0, 1.0, channels)
+    moving_var = rng.uniform(0.5, 2.0, channels)
+    return gamma, beta, moving_mean, moving_var
