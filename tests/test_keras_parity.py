@@ -1,0 +1,72 @@
+"""Tier 3: keras.layers.BatchNormalization as an oracle, weights copied."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_bn import BatchNorm
+from tests.reference import random_params
+
+# Keras's layer computes x * inv + (beta - mean * inv) in float32 and its
+# variance in one long sum, so it sits a few float32 ulps from ours; 1e-4
+# leaves room for that on O(1) outputs and nothing for a semantic error.
+KERAS_TOL = 1e-4
+
+
+def _pair(shape, axis, momentum=0.9, epsilon=1e-5):
+    ours = BatchNorm(axis=axis, momentum=momentum, epsilon=epsilon)
+    theirs = keras.layers.BatchNormalization(axis=axis, momentum=momentum, epsilon=epsilon)
+    ours.build(shape)
+    theirs.build(shape)
+    weights = [p.astype(np.float32) for p in random_params(shape[axis])]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 5, 5, 6), -1), ((8, 6, 5, 5), 1), ((16, 6), -1)])
+@pytest.mark.parametrize("momentum,epsilon", [(0.9, 1e-5), (0.99, 1e-3)])
+def test_outputs_and_moving_stats_over_several_steps(shape, axis, momentum, epsilon):
+    ours, theirs = _pair(shape, axis, momentum, epsilon)
+    rng = np.random.RandomState(0)
+    for step in range(4):
+        x = rng.normal(step, 1.0 + step, shape).astype(np.float32)
+        np.testing.assert_allclose(
+            ours(x, training=True), theirs(x, training=True), atol=KERAS_TOL, rtol=KERAS_TOL)
+    np.testing.assert_allclose(ours.moving_mean, theirs.moving_mean, atol=KERAS_TOL, rtol=KERAS_TOL)
+    np.testing.assert_allclose(
+        ours.moving_variance, theirs.moving_variance, atol=KERAS_TOL, rtol=KERAS_TOL)
+    x = rng.normal(0.0, 2.0, shape).astype(np.float32)
+    np.testing.assert_allclose(ours(x), theirs(x), atol=KERAS_TOL, rtol=KERAS_TOL)
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 5, 5, 6), -1), ((8, 6, 5, 5), 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradients_wrt_input_gamma_and_beta(shape, axis, training):
+    ours, theirs = _pair(shape, axis)
+    rng = np.random.RandomState(1)
+    x = tf.constant(rng.normal(0.5, 2.0, shape), tf.float32)
+    # A random upstream gradient: with sum(y) alone the x-gradient is ~0.
+    upstream = tf.constant(rng.normal(0.0, 1.0, shape), tf.float32)
+    grads = []
+    for layer in (ours, theirs):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+            loss = tf.reduce_sum(y * upstream)
+        grads.append(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    for g_ours, g_theirs in zip(*grads):
+        np.testing.assert_allclose(g_ours, g_theirs, atol=KERAS_TOL, rtol=KERAS_TOL)
+
+
+def test_weights_transfer_between_layers_in_both_directions():
+    ours, theirs = _pair((5, 4), -1)
+    x = np.random.RandomState(2).normal(0.0, 1.0, (5, 4)).astype(np.float32)
+    ours(x, training=True)
+    theirs.set_weights(ours.get_weights())
+    np.testing.assert_allclose(theirs(x), ours(x), atol=KERAS_TOL)
+    fresh = BatchNorm()
+    fresh.build((None, 4))
+    fresh.set_weights(theirs.get_weights())
+    np.testing.assert_array_equal(fresh.moving_variance.numpy(), theirs.moving_variance.numpy())

@@ -1,0 +1,246 @@
+"""The BatchNorm layer's own contract: weights, modes, updates, errors."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_bn import BatchNorm
+from tests.reference import np_batch_norm
+from tests.reference import random_params
+
+F32_TOL = 1e-5  # see tests/test_ops.py
+
+
+def _layer_with_params(channels, axis=-1, seed=0, **kwargs):
+    layer = BatchNorm(axis=axis, **kwargs)
+    layer.build(_shape_for(axis, channels))
+    params = random_params(channels, seed)
+    layer.set_weights([p.astype(np.float32) for p in params])
+    return layer, params
+
+
+def _shape_for(axis, channels):
+    shape = [2, 3, 3, 3]
+    shape[axis] = channels
+    return tuple(shape)
+
+
+# --- weights -------------------------------------------------------------
+
+
+def test_weights_names_order_dtypes_and_trainability():
+    layer = BatchNorm()
+    layer.build((None, 4))
+    assert [w.name for w in layer.weights] == [
+        "gamma", "beta", "moving_mean", "moving_variance"]
+    assert [w.trainable for w in layer.weights] == [True, True, False, False]
+    assert all(tuple(w.shape) == (4,) for w in layer.weights)
+    np.testing.assert_array_equal(layer.gamma.numpy(), np.ones(4))
+    np.testing.assert_array_equal(layer.beta.numpy(), np.zeros(4))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(4))
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), np.ones(4))
+
+
+def test_center_and_scale_false_create_no_beta_or_gamma():
+    layer = BatchNorm(center=False, scale=False)
+    layer.build((None, 3))
+    assert layer.gamma is None and layer.beta is None
+    assert [w.name for w in layer.weights] == ["moving_mean", "moving_variance"]
+    x = np.array([[1.0, 2.0, 3.0], [3.0, 6.0, 3.0]], np.float32)
+    want, _, _ = np_batch_norm(x, None, None, np.zeros(3), np.ones(3), training=True)
+    np.testing.assert_allclose(layer(x, training=True), want, atol=F32_TOL)
+
+
+def test_constructor_arguments_are_attributes():
+    layer = BatchNorm(axis=1, momentum=0.7, epsilon=1e-3, center=False,
+                      scale=False, gamma_regularizer="l2")
+    assert (layer.axis, layer.momentum, layer.epsilon) == (1, 0.7, 1e-3)
+    assert (layer.center, layer.scale) == (False, False)
+    assert isinstance(layer.gamma_regularizer, keras.regularizers.L2)
+
+
+def test_initializers_regularizers_and_constraints_are_used():
+    layer = BatchNorm(
+        gamma_initializer=keras.initializers.Constant(2.0),
+        beta_initializer=keras.initializers.Constant(-1.0),
+        moving_mean_initializer=keras.initializers.Constant(0.5),
+        moving_variance_initializer=keras.initializers.Constant(3.0),
+        gamma_regularizer=keras.regularizers.L2(0.5),
+        beta_regularizer=keras.regularizers.L1(0.25),
+        gamma_constraint=keras.constraints.NonNeg(),
+    )
+    layer.build((None, 2))
+    np.testing.assert_array_equal(
+        layer.get_weights(), [[2.0, 2.0], [-1.0, -1.0], [0.5, 0.5], [3.0, 3.0]])
+    # L2(0.5) * (2^2 + 2^2) = 4 and L1(0.25) * (1 + 1) = 0.5.
+    np.testing.assert_allclose(sorted(float(v) for v in layer.losses), [0.5, 4.0])
+    assert layer.gamma.constraint is layer.gamma_constraint
+
+
+# --- training and inference ---------------------------------------------
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 5, 5, 6), -1), ((8, 6, 5, 5), 1)])
+def test_conv2d_output_training_matches_reference(shape, axis):
+    # The headline case of the core issue: float32 Conv2D output (8, 5, 5, 6)
+    # in training mode, NHWC and NCHW, against the float64 reference.
+    layer, params = _layer_with_params(6, axis)
+    x = np.random.RandomState(1).normal(0.3, 1.7, shape)
+    want = np_batch_norm(x, *params, training=True, axis=axis)
+    y = layer(x.astype(np.float32), training=True)
+    np.testing.assert_allclose(y, want[0], rtol=F32_TOL, atol=F32_TOL)
+    np.testing.assert_allclose(layer.moving_mean, want[1], rtol=F32_TOL, atol=F32_TOL)
+    np.testing.assert_allclose(layer.moving_variance, want[2], rtol=F32_TOL, atol=F32_TOL)
+
+
+@pytest.mark.parametrize("training", [False, None])
+def test_inference_uses_moving_stats_and_updates_nothing(training):
+    layer, params = _layer_with_params(6)
+    x = np.random.RandomState(2).normal(0.0, 2.0, (4, 3, 3, 6))
+    want, _, _ = np_batch_norm(x, *params, training=False)
+    y = layer(x.astype(np.float32), training=training)
+    np.testing.assert_allclose(y, want, rtol=F32_TOL, atol=F32_TOL)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), params[2].astype(np.float32))
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), params[3].astype(np.float32))
+
+
+def test_each_training_call_updates_exactly_once():
+    layer = BatchNorm(momentum=0.5, epsilon=3.0)
+    x = np.array([[1.0], [3.0]], np.float32)  # mean 2, var 1
+    layer(x, training=True)
+    np.testing.assert_array_equal([layer.moving_mean[0], layer.moving_variance[0]], [1.0, 1.0])
+    layer(x, training=True)
+    np.testing.assert_array_equal([layer.moving_mean[0], layer.moving_variance[0]], [1.5, 1.0])
+
+
+def test_trainable_false_runs_inference_even_when_training_true():
+    layer, params = _layer_with_params(3)
+    layer.trainable = False
+    x = np.random.RandomState(3).normal(1.0, 2.0, (5, 3))
+    want, _, _ = np_batch_norm(x, *params, training=False)
+    y = layer(x.astype(np.float32), training=True)
+    np.testing.assert_allclose(y, want, rtol=F32_TOL, atol=F32_TOL)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), params[2].astype(np.float32))
+
+
+def test_any_rank_with_the_built_channel_count():
+    # Only the channel size is fixed at build time, so one layer serves
+    # (N, C), (N, L, C) and (N, H, W, C) inputs with C on the last axis.
+    layer = BatchNorm(momentum=0.0)
+    for shape in [(4, 3), (2, 5, 3), (2, 2, 2, 3), (2, 1, 2, 2, 3)]:
+        x = np.random.RandomState(len(shape)).normal(0.0, 1.0, shape)
+        want = np_batch_norm(x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3),
+                             training=True, momentum=0.0)
+        np.testing.assert_allclose(layer(x.astype(np.float32), training=True), want[0],
+                                   atol=F32_TOL)
+        np.testing.assert_allclose(layer.moving_variance, want[2], rtol=F32_TOL)
+
+
+def test_integer_input_is_cast_to_compute_dtype():
+    layer = BatchNorm(epsilon=3.0)
+    y = layer(tf.constant([[1], [3]], tf.int32), training=True)
+    assert y.dtype == tf.float32
+    np.testing.assert_array_equal(y, [[-0.5], [0.5]])
+
+
+def test_compute_output_shape():
+    assert BatchNorm().compute_output_shape((None, 7, 3)) == (None, 7, 3)
+
+
+# --- config --------------------------------------------------------------
+
+
+def test_get_config_from_config_round_trips_every_argument():
+    layer = BatchNorm(
+        axis=1, momentum=0.7, epsilon=2e-3, center=False, scale=True,
+        beta_initializer="ones", gamma_initializer=keras.initializers.Constant(3.0),
+        moving_mean_initializer="ones", moving_variance_initializer="zeros",
+        beta_regularizer="l1", gamma_regularizer=keras.regularizers.L2(0.1),
+        beta_constraint="non_neg", gamma_constraint=keras.constraints.MaxNorm(2.0),
+        name="bn7",
+    )
+    config = layer.get_config()
+    for key in ["axis", "momentum", "epsilon", "center", "scale",
+                "beta_initializer", "gamma_initializer", "moving_mean_initializer",
+                "moving_variance_initializer", "beta_regularizer",
+                "gamma_regularizer", "beta_constraint", "gamma_constraint"]:
+        assert key in config, key
+    clone = BatchNorm.from_config(config)
+    assert clone.get_config() == config
+    assert clone.name == "bn7"
+    assert clone.gamma_initializer.value == 3.0
+    assert clone.gamma_regularizer.l2 == pytest.approx(0.1)
+    assert clone.gamma_constraint.max_value == 2.0
+
+
+def test_registered_serializable_under_package_name():
+    assert keras.saving.get_registered_name(BatchNorm) == "keras_bn>BatchNorm"
+    assert keras.saving.get_registered_object("keras_bn>BatchNorm") is BatchNorm
+
+
+# --- errors --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"momentum": 1.01},
+         "BatchNorm 'bn': argument `momentum` must be a number in [0, 1]; received momentum=1.01."),
+        ({"momentum": -1},
+         "BatchNorm 'bn': argument `momentum` must be a number in [0, 1]; received momentum=-1."),
+        ({"epsilon": 0},
+         "BatchNorm 'bn': argument `epsilon` must be a finite number > 0; received epsilon=0."),
+        ({"epsilon": -1e-5},
+         "BatchNorm 'bn': argument `epsilon` must be a finite number > 0; received epsilon=-1e-05."),
+        ({"axis": 1.5},
+         "BatchNorm 'bn': argument `axis` must be a single integer; received axis=1.5 of type float."),
+        ({"axis": [1, 2]},
+         "BatchNorm 'bn': argument `axis` must be a single integer; received axis=[1, 2] of type list."),
+    ],
+)
+def test_constructor_errors(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        BatchNorm(name="bn", **kwargs)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "axis,shape,message",
+    [
+        (-1, (None,),
+         "BatchNorm 'bn': expected an input of rank >= 2 (batch and channels); received rank 1."),
+        (3, (None, 4, 4),
+         "BatchNorm 'bn': argument `axis` must be in [-3, 3) for an input of rank 3; received axis=3."),
+        (-1, (None, 4, None),
+         "BatchNorm 'bn': the channel dimension (axis -1) of the input must be known at build "
+         "time; received input shape (None, 4, None)."),
+    ],
+)
+def test_build_errors(axis, shape, message):
+    with pytest.raises(ValueError) as info:
+        BatchNorm(axis=axis, name="bn").build(shape)
+    assert str(info.value) == message
+
+
+def test_channel_mismatch_error_names_layer_expected_and_received():
+    layer = BatchNorm(name="bn_a")
+    layer(np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError) as info:
+        layer(np.zeros((2, 5), np.float32), training=True)
+    # Keras wraps errors raised inside call() with the layer's call context;
+    # the whole of our message is in there.
+    assert (
+        "BatchNorm 'bn_a' was built for 4 channels on axis -1; received an "
+        "input with 5 channels (shape (2, 5))."
+    ) in str(info.value)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(4))
+
+
+def test_string_input_error():
+    layer = BatchNorm(name="bn_s")
+    layer.build((None, 2))
+    with pytest.raises(TypeError) as info:
+        layer.call(tf.constant([["a", "b"]]))
+    assert str(info.value) == (
+        "BatchNorm 'bn_s': expected a numeric input tensor; received dtype string.")
