@@ -62,6 +62,13 @@ class BatchNorm(keras.layers.Layer):
         gamma_regularizer: Optional regularizer for `gamma`.
         beta_constraint: Optional constraint for `beta`.
         gamma_constraint: Optional constraint for `gamma`.
+        fused: None (default) picks, per call, the faster of TensorFlow's
+            fused batch-norm kernel (CPU, cuDNN on GPU) and plain TF ops:
+            the kernel for channels-last inputs (any layout on a GPU) outside
+            XLA; TF ops for float64 inputs, channels-first inputs on a CPU
+            and inside `jit_compile=True` functions, where XLA fuses them.
+            True requires the kernel and raises if it can't serve; False
+            always uses TF ops. The function computed is the same.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -90,6 +97,7 @@ class BatchNorm(keras.layers.Layer):
         gamma_regularizer=None,
         beta_constraint=None,
         gamma_constraint=None,
+        fused=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -111,6 +119,12 @@ class BatchNorm(keras.layers.Layer):
         self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
         self.beta_constraint = keras.constraints.get(beta_constraint)
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(
+                f"{owner}: argument `fused` must be None, True or False; "
+                f"received fused={fused!r}."
+            )
+        self.fused = fused
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -209,6 +223,7 @@ class BatchNorm(keras.layers.Layer):
             momentum=self.momentum,
             epsilon=self.epsilon,
             axis=self.axis,
+            fused=self.fused,
         )
 
     def _train(self, inputs):
@@ -268,6 +283,7 @@ class BatchNorm(keras.layers.Layer):
                 "gamma_constraint": keras.constraints.serialize(
                     self.gamma_constraint
                 ),
+                "fused": self.fused,
             }
         )
         return config

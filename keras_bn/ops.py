@@ -9,6 +9,8 @@ import numbers
 
 import tensorflow as tf
 
+from keras_bn import fused as fused_kernels
+
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _HALF_DTYPES = (tf.float16, tf.bfloat16)
 
@@ -99,14 +101,56 @@ def _mean(x, axes):
     return tf.reduce_mean(x, axes[:1], keepdims=True)
 
 
-def moments(x, axis=-1):
+def _two_pass(x, axes):
+    mean = _mean(x, axes)
+    centered = x - tf.stop_gradient(mean)
+    residual = _mean(centered, axes)
+    variance = _mean(tf.square(centered), axes)
+    variance = tf.maximum(variance - tf.square(residual), 0.0)
+    # The residual corrects the mean's value, not its gradient (which
+    # `mean` already carries in full).
+    return mean + tf.stop_gradient(residual), variance
+
+
+# The one-pass variance E[d^2] - E[d]^2 loses about log2(1 + E[d]^2 / var)
+# bits to cancellation; past 6 bits (E[d]^2 > 63 var) two passes are used.
+_MAX_SHIFT_RATIO = 63.0
+
+
+def _shifted_one_pass(x, axes, axis):
+    """Mean and variance from the sums of d and d^2 in one pass over x.
+
+    d = x - s with s each channel's first element: data values, so s sits
+    within a few standard deviations of the mean and removes any common
+    offset (1e4 + N(0, 1)). Should s be an outlier, the two-pass estimate is
+    computed instead, so accuracy never drops below it.
+    """
+    rank = x.shape.rank
+    first = x[tuple(slice(0, 1) if i != axis else slice(None) for i in range(rank))]
+    shift = tf.stop_gradient(first)
+    d = x - shift
+    d_mean = _mean(d, axes)
+    d_square = _mean(tf.square(d), axes)
+    variance = tf.maximum(d_square - tf.square(d_mean), 0.0)
+    lossy = tf.reduce_any(tf.square(d_mean) > _MAX_SHIFT_RATIO * variance)
+    return tf.cond(
+        lossy,
+        lambda: _two_pass(x, axes),
+        lambda: (shift + d_mean, variance),
+    )
+
+
+def moments(x, axis=-1, one_pass=False):
     """Per-channel mean and biased variance of `x` over every axis but `axis`.
 
-    Half-precision inputs are reduced in float32. The variance is the
-    corrected two-pass estimate: mean((x - m)^2) - mean(x - m)^2. The second
-    term removes the rounding error of `m` itself, which matters when the
-    data sit on a large common offset (1e4 + N(0, 1) in float32); the
-    result is clamped at 0 because rounding may still leave a tiny negative.
+    Half-precision inputs are reduced in float32. By default the variance
+    is the corrected two-pass estimate, mean((x - m)^2) - mean(x - m)^2: the
+    second term removes the rounding error of `m` itself, which matters
+    when the data sit on a large common offset (1e4 + N(0, 1) in float32).
+    `one_pass=True` computes both from one read of `x` (sums about a
+    shift, see `_shifted_one_pass`), which XLA fuses into a single loop,
+    with the same accuracy. The variance is clamped at 0 because rounding
+    may still leave a tiny negative.
 
     Returns:
         (mean, variance), each of shape (C,).
@@ -116,14 +160,10 @@ def moments(x, axis=-1):
     axis = channel_axis(rank, check_axis(axis, "moments"), "moments")
     x = tf.cast(x, statistics_dtype(x.dtype))
     axes = [i for i in range(rank) if i != axis]
-    mean = _mean(x, axes)
-    centered = x - tf.stop_gradient(mean)
-    shift = _mean(centered, axes)
-    variance = _mean(tf.square(centered), axes)
-    variance = tf.maximum(variance - tf.square(shift), 0.0)
-    # The residual `shift` corrects the mean's value, not its gradient
-    # (which `mean` already carries in full).
-    mean = mean + tf.stop_gradient(shift)
+    if one_pass:
+        mean, variance = _shifted_one_pass(x, axes, axis)
+    else:
+        mean, variance = _two_pass(x, axes)
     return tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
 
 
@@ -170,19 +210,81 @@ def _as_vector(value, name, channels, dtype):
     return tf.cast(value, dtype)
 
 
-def _normalize(x, mean, variance, gamma, beta, epsilon, axis, centered):
+def _staged_sum(x, axes):
+    if len(axes) > 1:
+        x = tf.reduce_sum(x, axes[1:], keepdims=True)
+    return tf.reduce_sum(x, axes[:1], keepdims=True)
+
+
+def _general_train(x, gamma, beta, epsilon, axis):
+    """Training-mode batch norm from TF ops, with a lean custom gradient.
+
+    The backward pass keeps only x, the mean and the inverse std (not the
+    normalized tensor) and needs two per-channel sums, sum(dy) and
+    sum(dy * (x - mean)), reduced side by side so that XLA fuses them into
+    one pass over dy and x.
+
+    Returns:
+        (y, batch_mean, biased_batch_variance); y in x's dtype, statistics in
+        `statistics_dtype(x.dtype)` and carrying no gradient.
+    """
     rank = x.shape.rank
+    axes = [i for i in range(rank) if i != axis]
     stat_dtype = statistics_dtype(x.dtype)
-    a, b = scale_and_offset(mean, variance, gamma, beta, epsilon)
-    xs = tf.cast(x, stat_dtype)
-    if centered:
+    has_gamma, has_beta = gamma is not None, beta is not None
+    params = [p for p in (gamma, beta) if p is not None]
+
+    one_pass = fused_kernels.in_xla_context()
+
+    @tf.custom_gradient
+    def forward(x, *params):
+        mean, variance = moments(x, axis, one_pass=one_pass)
+        mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+        inv = tf.math.rsqrt(variance + tf.cast(epsilon, stat_dtype))
+        g = params[0] if has_gamma else None
+        b = params[-1] if has_beta else None
+        scale = inv if g is None else inv * g
+        xs = tf.cast(x, stat_dtype)
         # With batch statistics the input is centred first: x * a + b would
         # cancel two large terms when |mean| >> std and lose digits.
-        y = (xs - _per_channel(mean, rank, axis)) * _per_channel(a, rank, axis)
-        if beta is not None:
-            y = y + _per_channel(beta, rank, axis)
-    else:
-        y = xs * _per_channel(a, rank, axis) + _per_channel(b, rank, axis)
+        y = (xs - _per_channel(mean, rank, axis)) * _per_channel(scale, rank, axis)
+        if b is not None:
+            y = y + _per_channel(b, rank, axis)
+
+        def backward(dy, _dmean, _dvar):
+            dy = tf.cast(dy, stat_dtype)
+            centered = tf.cast(x, stat_dtype) - _per_channel(mean, rank, axis)
+            sum_dy = _staged_sum(dy, axes)
+            sum_dy_centered = _staged_sum(dy * centered, axes)
+            count = tf.cast(
+                tf.size(x, tf.int64) // tf.size(mean, tf.int64), stat_dtype)
+            inv_b = _per_channel(inv, rank, axis)
+            scale_b = _per_channel(scale, rank, axis)
+            # d/dx of gamma * (x - mean) * inv with mean and inv functions
+            # of the whole batch: the classic three-term formula.
+            dx = scale_b * (
+                dy
+                - sum_dy / count
+                - centered * (inv_b * inv_b) * (sum_dy_centered / count)
+            )
+            grads = []
+            if has_gamma:
+                grads.append(tf.reshape(sum_dy_centered, [-1]) * inv)
+            if has_beta:
+                grads.append(tf.reshape(sum_dy, [-1]))
+            return (tf.cast(dx, x.dtype), *grads)
+
+        return (tf.cast(y, x.dtype), mean, variance), backward
+
+    return forward(x, *params)
+
+
+def _infer(x, mean, variance, gamma, beta, epsilon, axis):
+    """Inference-mode batch norm as `x * a + b`, the form converters fold."""
+    rank = x.shape.rank
+    a, b = scale_and_offset(mean, variance, gamma, beta, epsilon)
+    xs = tf.cast(x, statistics_dtype(x.dtype))
+    y = xs * _per_channel(a, rank, axis) + _per_channel(b, rank, axis)
     return tf.cast(y, x.dtype)
 
 
@@ -197,6 +299,7 @@ def batch_norm(
     momentum=0.9,
     epsilon=1e-5,
     axis=-1,
+    fused=None,
 ):
     """Batch normalization as a pure function.
 
@@ -218,6 +321,12 @@ def batch_norm(
             `new = momentum * moving + (1 - momentum) * batch`; in [0, 1].
         epsilon: added to the variance; > 0.
         axis: the channel axis; negative counts from the end.
+        fused: None (default) picks the faster of TensorFlow's fused
+            batch-norm kernel and plain TF ops for this call (see
+            `keras_bn.fused.preferred`); True requires the kernel (ValueError
+            if it can't serve: a float64 input, or training with an epsilon
+            below the kernel's limit, which only cuDNN older than 7.5 has);
+            False always uses TF ops. Both compute the same function.
 
     Returns:
         `(y, new_moving_mean, new_moving_var)`. `y` has the dtype of `x`; the
@@ -244,10 +353,21 @@ def batch_norm(
             "batch_norm: arguments `moving_mean` and `moving_var` are "
             "required; received None."
         )
+    training = check_training(training)
+    use_fused = _choose_fused(fused, x, axis, epsilon, training)
 
     def train():
-        mean, variance = moments(x, axis)
-        y = _normalize(x, mean, variance, gamma, beta, epsilon, axis, True)
+        if use_fused:
+            y, mean, variance = fused_kernels.fused_train(
+                x, gamma, beta, epsilon, axis, moving_mean)
+            fused_result = (y, mean, variance)
+            y, mean, variance = tf.cond(
+                fused_kernels.offset_dominated(mean, variance),
+                lambda: _general_train(x, gamma, beta, epsilon, axis),
+                lambda: fused_result,
+            )
+        else:
+            y, mean, variance = _general_train(x, gamma, beta, epsilon, axis)
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
         return (
             y,
@@ -256,15 +376,32 @@ def batch_norm(
         )
 
     def infer():
-        y = _normalize(
-            x, moving_mean, moving_var, gamma, beta, epsilon, axis, False
-        )
+        if use_fused:
+            y = fused_kernels.fused_infer(
+                x, gamma, beta, moving_mean, moving_var, epsilon, axis)
+        else:
+            y = _infer(x, moving_mean, moving_var, gamma, beta, epsilon, axis)
         return y, moving_mean, moving_var
 
-    training = check_training(training)
     if isinstance(training, bool):
         return train() if training else infer()
     return tf.cond(training, train, infer)
+
+
+def _choose_fused(fused, x, axis, epsilon, training):
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(
+            "batch_norm: argument `fused` must be None, True or False; "
+            f"received fused={fused!r}."
+        )
+    if fused is False:
+        return False
+    reason = fused_kernels.unsupported_reason(x, axis, epsilon, training)
+    if fused:
+        if reason is not None:
+            raise ValueError(f"batch_norm: fused=True, but {reason}.")
+        return True
+    return reason is None and fused_kernels.preferred(x, axis)
 
 
 def check_training(training, owner="batch_norm"):

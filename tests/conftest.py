@@ -14,3 +14,13 @@ def _float32_policy_and_seed():
     keras.utils.set_random_seed(0)
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(params=["kernel", "tf_ops"])
+def both_paths(request, monkeypatch):
+    """Runs a test once on each path: TensorFlow's fused kernel wherever it
+    can serve (whatever the speed heuristic would pick), and plain TF ops."""
+    from keras_bn import fused
+
+    monkeypatch.setattr(fused, "preferred", lambda x, axis: request.param == "kernel")
+    return request.param

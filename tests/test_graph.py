@@ -1,9 +1,13 @@
 """The layer inside tf.function graphs: tracing, XLA, a tensor `training`."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_bn import BatchNorm
+
+# The core suite runs on both paths: the fused kernel and plain TF ops.
+pytestmark = pytest.mark.usefixtures("both_paths")
 
 F32_TOL = 1e-5  # see tests/test_ops.py
 

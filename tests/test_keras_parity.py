@@ -8,6 +8,9 @@ import tensorflow as tf
 from keras_bn import BatchNorm
 from tests.reference import random_params
 
+# The core suite runs on both paths: the fused kernel and plain TF ops.
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 # Keras's layer computes x * inv + (beta - mean * inv) in float32 and its
 # variance in one long sum, so it sits a few float32 ulps from ours; 1e-4
 # leaves room for that on O(1) outputs and nothing for a semantic error.

@@ -9,6 +9,9 @@ from keras_bn import BatchNorm
 from tests.reference import np_batch_norm
 from tests.reference import random_params
 
+# The core suite runs on both paths: the fused kernel and plain TF ops.
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 F32_TOL = 1e-5  # see tests/test_ops.py
 
 

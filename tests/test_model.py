@@ -8,6 +8,9 @@ import pytest
 from keras_bn import BatchNorm
 from tests.reference import np_batch_norm
 
+# The core suite runs on both paths: the fused kernel and plain TF ops.
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 F32_TOL = 1e-5  # see tests/test_ops.py
 
 

@@ -9,6 +9,9 @@ from keras_bn import ops
 from tests.reference import np_batch_norm
 from tests.reference import random_params
 
+# The core suite runs on both paths: the fused kernel and plain TF ops.
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 # float32 carries ~7 significant digits; after a mean, a variance and an
 # rsqrt over tens of values the error stays a few ulps of O(1) outputs.
 F32_TOL = 1e-5

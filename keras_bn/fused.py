@@ -1,0 +1,168 @@
+"""Dispatch to TensorFlow's fused batch-norm kernel (oneDNN/Eigen on CPU,
+cuDNN on GPU) through free reshapes.
+
+`tf.raw_ops.FusedBatchNormV3` reads a half-precision input directly, keeps
+its statistics in float32 and has a registered gradient, so one kernel does
+the work of the separate moments / normalize / cast ops. It only takes 4-D
+tensors with the channel on axis 1 or 3; every single-axis case maps onto
+that without copying memory (see `_kernel_view`).
+"""
+
+import tensorflow as tf
+
+KERNEL_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+
+# cuDNN before 7.5 rejects epsilon below CUDNN_BN_MIN_EPSILON (1e-5, compared
+# in double precision against the float32 attribute, so 1e-5 itself fails;
+# TF's wrappers use 1.001e-5). Since 7.5 the minimum is 0, and the CPU kernel
+# never had one.
+LEGACY_CUDNN_MIN_EPSILON = 1.001e-5
+
+
+def _gpu_visible():
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def min_epsilon():
+    """The smallest epsilon the kernel accepts on the visible devices."""
+    if not _gpu_visible():
+        return 0.0
+    version = str(tf.sysconfig.get_build_info().get("cudnn_version", "0"))
+    parts = [int(p) for p in version.split(".")[:2] if p.isdigit()] + [0, 0]
+    return 0.0 if tuple(parts[:2]) >= (7, 5) else LEGACY_CUDNN_MIN_EPSILON
+
+
+def in_xla_context():
+    """True while tracing a function compiled with XLA (jit_compile=True).
+
+    Reads TensorFlow's graph context (no public API says this); on any
+    change there it answers False, which only costs speed.
+    """
+    try:
+        from tensorflow.python.ops import control_flow_util
+
+        graph = tf.compat.v1.get_default_graph()
+        return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
+    except Exception:  # pragma: no cover - depends on TF internals
+        return False
+
+
+def preferred(x, axis):
+    """Whether the kernel is the faster choice for a call it can serve.
+
+    Measured on CPU (benchmarks/README.md): the kernel wins everywhere for
+    channels-last data, but its channels-first form is slower than plain TF
+    ops, and under XLA, which fuses plain ops into a loop or two, TF ops win
+    too. On a GPU cuDNN takes either layout natively.
+    """
+    if in_xla_context():
+        return False
+    return axis == x.shape.rank - 1 or _gpu_visible()
+
+
+def unsupported_reason(x, axis, epsilon, training):
+    """Why the fused kernel can't serve this call, or None if it can.
+
+    `axis` is non-negative. A symbolic `training` counts as training: the
+    training branch is the one with the epsilon limit.
+    """
+    if x.dtype not in KERNEL_DTYPES:
+        return (
+            "the kernel takes float16, bfloat16 or float32 inputs; received "
+            f"dtype {x.dtype.name}"
+        )
+    if training is not False and epsilon < min_epsilon():
+        return (
+            f"this cuDNN needs epsilon >= {min_epsilon()} in training; "
+            f"received epsilon={epsilon}"
+        )
+    return None
+
+
+def _kernel_view(x, axis):
+    """A free reshape of `x` to 4-D with its channel on axis 1 or 3.
+
+    Channels-last: [A, 1, 1, C] in NHWC. Channel on axis k >= 1 of
+    [d0..dk-1, C, dk+1..]: [prod(before), C, prod(after), 1] in NCHW. A 4-D
+    input already in NHWC or NCHW is passed as it is, which keeps Grappler's
+    Conv2D + FusedBatchNorm (+ ReLU) fusion available.
+    """
+    rank = x.shape.rank
+    if rank == 4 and axis == 3:
+        return x, "NHWC"
+    if rank == 4 and axis == 1:
+        return x, "NCHW"
+    shape = tf.shape(x)
+    channels = x.shape[axis] if x.shape[axis] is not None else shape[axis]
+    if axis == rank - 1:
+        return tf.reshape(x, [-1, 1, 1, channels]), "NHWC"
+    before = tf.reduce_prod(shape[:axis])
+    return tf.reshape(x, [before, channels, -1, 1]), "NCHW"
+
+
+def _vectors(gamma, beta, channels_like):
+    ones = tf.ones_like(channels_like)
+    gamma = ones if gamma is None else gamma
+    beta = tf.zeros_like(channels_like) if beta is None else beta
+    return gamma, beta
+
+
+# The CPU kernel sums in float32 without compensation: with the mean more
+# than 100 standard deviations from zero (mean^2 > 1e4 var) its variance
+# degrades (to 90x the truth at 1e4 + N(0, 1) over 256x32x32 values), while
+# below that it stays at the 2e-5 relative error it has for centred data.
+OFFSET_DOMINATED_RATIO = 1e4
+
+
+def offset_dominated(mean, variance):
+    """Whether the CPU kernel's statistics can't be trusted for this batch.
+
+    cuDNN accumulates with Welford's method and needs no such check (which
+    would also cost a device-to-host sync per layer and step).
+    """
+    if _gpu_visible():
+        return tf.constant(False)
+    return tf.reduce_any(tf.square(mean) > OFFSET_DOMINATED_RATIO * variance)
+
+
+def fused_train(x, gamma, beta, epsilon, axis, like):
+    """Training-mode batch norm by the fused kernel.
+
+    Args:
+        x: float16/bfloat16/float32 input; `axis` non-negative.
+        gamma, beta: float32 (C,) vectors or None.
+        like: a float32 (C,) tensor, for default gamma/beta.
+
+    Returns:
+        (y, batch_mean, biased_batch_variance); y in x's dtype.
+    """
+    view, data_format = _kernel_view(x, axis)
+    gamma, beta = _vectors(gamma, beta, like)
+    empty = tf.zeros([0], tf.float32)
+    out = tf.raw_ops.FusedBatchNormV3(
+        x=view, scale=gamma, offset=beta, mean=empty, variance=empty,
+        epsilon=epsilon, exponential_avg_factor=1.0,
+        data_format=data_format, is_training=True,
+    )
+    # The kernel reports the Bessel-corrected variance n/(n-1) * var (for
+    # TF's own moving average); the semantics here are the biased one.
+    n = tf.cast(tf.size(x, tf.int64) // tf.size(like, tf.int64), tf.float32)
+    biased = out.batch_variance * ((n - 1.0) / tf.maximum(n, 1.0))
+    return tf.reshape(out.y, tf.shape(x)), out.batch_mean, biased
+
+
+def fused_infer(x, gamma, beta, mean, variance, epsilon, axis):
+    """Inference-mode batch norm by the fused kernel; y in x's dtype."""
+    view, data_format = _kernel_view(x, axis)
+    gamma, beta = _vectors(gamma, beta, mean)
+    if epsilon < min_epsilon():
+        # Same result, epsilon within cuDNN's limit: the kernel adds its
+        # epsilon to the variance we hand it, so hand it the difference.
+        variance = variance + (epsilon - min_epsilon())
+        epsilon = min_epsilon()
+    out = tf.raw_ops.FusedBatchNormV3(
+        x=view, scale=gamma, offset=beta, mean=mean, variance=variance,
+        epsilon=epsilon, exponential_avg_factor=1.0,
+        data_format=data_format, is_training=False,
+    )
+    return tf.reshape(out.y, tf.shape(x))

@@ -1,0 +1,208 @@
+"""Which path serves a call, and what only one of the paths has to get right.
+
+The core suite (test_ops, test_layer, test_keras_parity, test_graph,
+test_model) already runs every reference check on both paths through the
+`both_paths` fixture; here: dispatch, no upcast copies, the kernel's
+Bessel-corrected variance, its accuracy guard, its epsilon limit, XLA.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_bn import BatchNorm
+from keras_bn import batch_norm
+from keras_bn import fused
+from tests.reference import np_batch_norm
+from tests.reference import random_params
+
+F32_TOL = 1e-5  # see tests/test_ops.py
+
+
+def _graph_ops(fn, *specs, jit=False, branches=True):
+    graph = tf.function(fn, jit_compile=jit).get_concrete_function(*specs).graph
+    ops = list(graph.get_operations())
+    if branches:
+        # Ops inside tf.cond branches live in their own function graphs.
+        for function in graph._functions.values():
+            ops.extend(function.graph.get_operations())
+    return ops
+
+
+def _op_types(fn, *specs, jit=False):
+    return {op.type for op in _graph_ops(fn, *specs, jit=jit)}
+
+
+def _bn(x, training, fused_arg=None, axis=-1):
+    c = x.shape[axis]
+    return batch_norm(x, tf.ones([c]), tf.zeros([c]), tf.zeros([c]), tf.ones([c]),
+                      training=training, axis=axis, fused=fused_arg)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "shape,axis,fused_arg,expected",
+    [
+        ((8, 4, 4, 3), -1, None, True),  # channels-last on CPU: the kernel
+        ((8, 6), -1, None, True),  # Dense outputs through [N, 1, 1, C]
+        ((2, 5, 3), -1, None, True),
+        ((8, 3, 4, 4), 1, None, False),  # channels-first on CPU: TF ops
+        ((8, 3, 4, 4), 1, True, True),  # ... unless the kernel is asked for
+        ((2, 3, 4, 5, 2), 1, True, True),
+        ((8, 4, 4, 3), -1, False, False),
+    ],
+)
+def test_dispatch_on_cpu(shape, axis, fused_arg, expected, training):
+    spec = tf.TensorSpec([None, *shape[1:]], tf.float32)
+    types = _op_types(lambda x: _bn(x, training, fused_arg, axis), spec)
+    assert ("FusedBatchNormV3" in types) == expected
+
+
+def test_float64_takes_tf_ops_and_fused_true_explains_why():
+    x = tf.zeros([2, 3], tf.float64)
+    types = _op_types(lambda x: _bn(x, True), tf.TensorSpec([None, 3], tf.float64))
+    assert "FusedBatchNormV3" not in types
+    with pytest.raises(ValueError) as info:
+        _bn(x, True, fused_arg=True)
+    assert str(info.value) == (
+        "batch_norm: fused=True, but the kernel takes float16, bfloat16 or "
+        "float32 inputs; received dtype float64.")
+
+
+def test_fused_argument_error():
+    with pytest.raises(ValueError) as info:
+        _bn(tf.zeros([2, 3]), True, fused_arg="yes")
+    assert str(info.value) == (
+        "batch_norm: argument `fused` must be None, True or False; received fused='yes'.")
+    with pytest.raises(ValueError) as info:
+        BatchNorm(fused=1.0, name="bn")
+    assert str(info.value) == (
+        "BatchNorm 'bn': argument `fused` must be None, True or False; received fused=1.0.")
+
+
+def test_under_xla_tf_ops_serve_by_default():
+    # XLA fuses plain ops into one or two loops and beats its own lowering
+    # of the fused kernel on CPU (benchmarks/README.md).
+    spec = tf.TensorSpec([8, 4, 4, 3], tf.float32)
+    assert "FusedBatchNormV3" not in _op_types(lambda x: _bn(x, True), spec, jit=True)
+    assert "FusedBatchNormV3" in _op_types(lambda x: _bn(x, True, True), spec, jit=True)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_precision_kernel_makes_no_full_size_float32_copy(dtype, training):
+    # The main graph only: in training, a tf.cond branch holds the float32
+    # fallback for offset-dominated batches, which runs only for those.
+    shape = [8, 4, 4, 3]
+    ops = _graph_ops(lambda x: _bn(x, training), tf.TensorSpec(shape, dtype), branches=False)
+    assert "FusedBatchNormV3" in {op.type for op in ops}
+    for op in ops:
+        if op.type == "Cast":
+            out = op.outputs[0]
+            assert not (out.dtype == tf.float32 and out.shape.num_elements() == np.prod(shape)), op
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 5, 5, 6), -1), ((8, 6, 5, 5), 1), ((1, 6), -1)])
+def test_kernel_moving_variance_is_the_biased_one(shape, axis):
+    # The kernel reports n/(n-1) * var; the moving variance must get var.
+    # (1, 6): one value per channel, n - 1 = 0: the variance is 0, not NaN.
+    x = np.random.RandomState(0).normal(1.0, 2.0, shape)
+    params = random_params(shape[axis])
+    want = np_batch_norm(x, *params, training=True, momentum=0.0, axis=axis)
+    got = batch_norm(x.astype(np.float32), *[p.astype(np.float32) for p in params],
+                     training=True, momentum=0.0, axis=axis, fused=True)
+    np.testing.assert_allclose(got[2], want[2], rtol=F32_TOL, atol=F32_TOL)
+    np.testing.assert_allclose(got[0], want[0], rtol=F32_TOL, atol=F32_TOL)
+
+
+@pytest.mark.parametrize("fused_arg", [True, False])
+def test_large_offset_moving_variance_on_each_path_no_worse_than_tf_moments(fused_arg):
+    # 1e4 + N(0, 1) over 128*16*16 values per channel: the CPU kernel's own
+    # float32 sums lose the variance here, so the kernel path must notice
+    # (mean^2 > 1e4 var) and hand the batch to the two-pass statistics.
+    x = (1e4 + np.random.RandomState(4).normal(0.0, 1.0, (128, 16, 16, 4))).astype(np.float32)
+    truth = x.astype(np.float64).var(axis=(0, 1, 2))
+    _, _, var = batch_norm(x, None, None, tf.zeros([4]), tf.zeros([4]), training=True,
+                           momentum=0.0, fused=fused_arg)
+    _, theirs = tf.nn.moments(tf.constant(x), axes=[0, 1, 2])
+    ours_err = np.abs(var.numpy() - truth)
+    assert np.all(ours_err <= np.abs(theirs.numpy() - truth) + 1.2e-7)
+    np.testing.assert_allclose(var, truth, rtol=1e-5)
+
+
+def test_kernel_accuracy_guard_is_off_for_ordinary_batches():
+    mean = tf.constant([0.0, 50.0, -99.0])
+    var = tf.constant([1.0, 1.0, 1.0])  # 99^2 < 1e4
+    assert not fused.offset_dominated(mean, var).numpy()
+    assert fused.offset_dominated(tf.constant([101.0]), tf.constant([1.0])).numpy()
+
+
+def test_inference_epsilon_below_kernel_limit_is_folded_into_variance(monkeypatch):
+    # Older cuDNN rejects epsilon < 1.001e-5. Simulate that limit on CPU
+    # (whose kernel accepts any epsilon, so the arithmetic can be checked):
+    # the kernel must get var + eps - limit and the limit as epsilon.
+    monkeypatch.setattr(fused, "min_epsilon", lambda: 1e-2)
+    x = np.random.RandomState(1).normal(0.0, 0.05, (6, 3)).astype(np.float32)
+    params = [p.astype(np.float32) for p in random_params(3)]
+    params[3] = np.array([1e-3, 2e-3, 5e-3], np.float32)  # small: eps matters
+    want = np_batch_norm(x, *params, training=False, epsilon=1e-5)
+    got = batch_norm(x, *params, training=False, epsilon=1e-5, fused=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError) as info:
+        batch_norm(x, *params, training=True, epsilon=1e-5, fused=True)
+    assert str(info.value) == (
+        "batch_norm: fused=True, but this cuDNN needs epsilon >= 0.01 in "
+        "training; received epsilon=1e-05.")
+
+
+def test_no_epsilon_limit_on_cpu():
+    assert fused.min_epsilon() == 0.0
+
+
+@pytest.mark.parametrize("fused_arg", [True, False])
+def test_xla_train_step_gradients_match_eager(fused_arg):
+    rng = np.random.RandomState(2)
+    x = tf.constant(rng.normal(0.5, 2.0, (4, 3, 3, 5)), tf.float32)
+    dy = tf.constant(rng.normal(0.0, 1.0, (4, 3, 3, 5)), tf.float32)
+    layer = BatchNorm(fused=fused_arg)
+    layer.build(x.shape)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
+
+    for got, want in zip(tf.function(step, jit_compile=True)(x), step(x)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_general_path_gradient_without_gamma_or_beta_matches_finite_differences():
+    rng = np.random.RandomState(3)
+    x = tf.constant(rng.normal(0.0, 1.0, (4, 2, 3)))
+    w = tf.constant(rng.normal(0.0, 1.0, (4, 2, 3)))
+
+    def f(x):
+        y, _, _ = batch_norm(x, None, None, tf.zeros(2, tf.float64), tf.ones(2, tf.float64),
+                             training=True, axis=1)
+        return tf.reduce_sum(w * y * y + y)
+
+    theoretical, numerical = tf.test.compute_gradient(f, [x])
+    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=1e-6, atol=1e-6)
+
+
+def test_general_path_backward_is_the_custom_gradient():
+    # The custom backward reuses the forward's mean and inverse std; TF's
+    # autodiff of the forward would differentiate the rsqrt (RsqrtGrad) and
+    # the mean/variance reductions instead.
+    def fwd_bwd(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, _, _ = batch_norm(x, None, None, tf.zeros([5]), tf.ones([5]),
+                                 training=True, fused=False)
+        return tape.gradient(y, x)
+
+    types = _op_types(fwd_bwd, tf.TensorSpec([8, 5], tf.float32))
+    assert "FusedBatchNormV3" not in types and "FusedBatchNormGradV3" not in types
+    assert "RsqrtGrad" not in types
+    assert "IdentityN" in types  # how tf.custom_gradient appears in a graph
