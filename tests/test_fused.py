@@ -17,6 +17,10 @@ from tests.reference import np_batch_norm
 from tests.reference import random_params
 
 F32_TOL = 1e-5  # see tests/test_ops.py
+# Dispatch expectations for a CPU-only machine; with a GPU, cuDNN takes every
+# layout (tests/test_gpu.py checks that).
+cpu_only = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
+                              reason="CPU dispatch; a GPU changes the choice")
 
 
 def _graph_ops(fn, *specs, jit=False, branches=True):
@@ -39,6 +43,7 @@ def _bn(x, training, fused_arg=None, axis=-1):
                       training=training, axis=axis, fused=fused_arg)
 
 
+@cpu_only
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(
     "shape,axis,fused_arg,expected",
@@ -115,6 +120,7 @@ def test_kernel_moving_variance_is_the_biased_one(shape, axis):
     np.testing.assert_allclose(got[0], want[0], rtol=F32_TOL, atol=F32_TOL)
 
 
+@cpu_only
 @pytest.mark.parametrize("fused_arg", [True, False])
 def test_large_offset_moving_variance_on_each_path_no_worse_than_tf_moments(fused_arg):
     # 1e4 + N(0, 1) over 128*16*16 values per channel: the CPU kernel's own
@@ -130,6 +136,7 @@ def test_large_offset_moving_variance_on_each_path_no_worse_than_tf_moments(fuse
     np.testing.assert_allclose(var, truth, rtol=1e-5)
 
 
+@cpu_only
 def test_kernel_accuracy_guard_is_off_for_ordinary_batches():
     mean = tf.constant([0.0, 50.0, -99.0])
     var = tf.constant([1.0, 1.0, 1.0])  # 99^2 < 1e4
@@ -155,6 +162,7 @@ def test_inference_epsilon_below_kernel_limit_is_folded_into_variance(monkeypatc
         "training; received epsilon=1e-05.")
 
 
+@cpu_only
 def test_no_epsilon_limit_on_cpu():
     assert fused.min_epsilon() == 0.0
 

@@ -126,3 +126,20 @@ def test_keras_file_round_trip_without_custom_objects(tmp_path):
     for a, b in zip(loaded.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_fit_with_jit_compile_matches_fit_without():
+    # Keras compiles fit() with XLA by default on GPUs; on CPU ask for it.
+    x, y = _data()
+    runs = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        model = _cnn()
+        model.compile(keras.optimizers.SGD(0.01),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=jit)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        runs.append(_moving_stats(model) + [model.predict(x, verbose=0)])
+    # Three SGD steps apart from float32 reduction order: well within 1e-4.
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

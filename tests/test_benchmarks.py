@@ -1,0 +1,30 @@
+"""The benchmark script runs (a smoke test: timings are never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_layer_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_layers.py"),
+         "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ratio" in result.stdout and "bn/copy" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["environment"]["tensorflow"]
+    # 3 quick shapes x 2 dtypes x 2 jit settings x 3 modes.
+    assert len(data["results"]) == 36
+    for row in data["results"]:
+        assert row["ms"]["keras_bn"] > 0 and row["ms"]["keras"] > 0
+        assert row["ratio_to_keras"] == pytest.approx(row["ms"]["keras_bn"] / row["ms"]["keras"])
