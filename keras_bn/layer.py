@@ -69,6 +69,15 @@ class BatchNorm(keras.layers.Layer):
             and inside `jit_compile=True` functions, where XLA fuses them.
             True requires the kernel and raises if it can't serve; False
             always uses TF ops. The function computed is the same.
+        synchronized: If True, in a multi-replica `tf.distribute` step
+            (`MirroredStrategy`, `MultiWorkerMirroredStrategy`) normalize
+            with the statistics of the global batch, merged from every
+            replica's count, mean and variance in one all-reduce, so a
+            partial or empty replica batch weighs what it holds. Without a
+            strategy it changes nothing. With either setting the moving
+            statistics are identical on all replicas after every step: from
+            the global statistics when synchronized, otherwise from the
+            count-weighted mean of the replicas' means and variances.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -98,6 +107,7 @@ class BatchNorm(keras.layers.Layer):
         beta_constraint=None,
         gamma_constraint=None,
         fused=None,
+        synchronized=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -125,6 +135,7 @@ class BatchNorm(keras.layers.Layer):
                 f"received fused={fused!r}."
             )
         self.fused = fused
+        self.synchronized = bool(synchronized)
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -182,6 +193,7 @@ class BatchNorm(keras.layers.Layer):
             dtype=self._weight_dtype,
             trainable=False,
             autocast=False,
+            aggregation="mean",
         )
         self.moving_variance = self.add_weight(
             shape=shape,
@@ -190,6 +202,7 @@ class BatchNorm(keras.layers.Layer):
             dtype=self._weight_dtype,
             trainable=False,
             autocast=False,
+            aggregation="mean",
         )
 
     def _check_inputs(self, inputs):
@@ -224,6 +237,7 @@ class BatchNorm(keras.layers.Layer):
             epsilon=self.epsilon,
             axis=self.axis,
             fused=self.fused,
+            synchronized=self.synchronized,
         )
 
     def _train(self, inputs):
@@ -284,6 +298,7 @@ class BatchNorm(keras.layers.Layer):
                     self.gamma_constraint
                 ),
                 "fused": self.fused,
+                "synchronized": self.synchronized,
             }
         )
         return config

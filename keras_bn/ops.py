@@ -9,6 +9,7 @@ import numbers
 
 import tensorflow as tf
 
+from keras_bn import distributed
 from keras_bn import fused as fused_kernels
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -188,6 +189,55 @@ def update_moving(moving, batch_value, momentum):
     return momentum * moving + (1.0 - momentum) * batch_value
 
 
+def merge_moments(counts, means, variances):
+    """Merges per-part statistics into those of the whole (Chan et al.).
+
+    Args:
+        counts, means, variances: [parts, C] tensors; a part with count 0
+            is ignored (its mean and variance may be anything finite).
+
+    Returns:
+        (count, mean, variance) of the union, each (C,). The variance adds
+        each part's variance to its squared distance from the common mean,
+        weighted by count: exact, and free of the E[x^2] - E[x]^2
+        cancellation of summing raw squares.
+    """
+    count = tf.reduce_sum(counts, 0)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(counts * means, 0), count)
+    spread = variances + tf.square(means - mean)
+    variance = tf.math.divide_no_nan(tf.reduce_sum(counts * spread, 0), count)
+    return count, mean, variance
+
+
+def pooled_moments(counts, means, variances):
+    """Count-weighted means of per-part means and of per-part variances.
+
+    The variance here is the within-part one (each part about its own
+    mean), which is what parts that normalize with their own statistics
+    have seen.
+    """
+    count = tf.reduce_sum(counts, 0)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(counts * means, 0), count)
+    variance = tf.math.divide_no_nan(tf.reduce_sum(counts * variances, 0), count)
+    return count, mean, variance
+
+
+def _local_count(x, channels_like):
+    return tf.cast(tf.size(x, tf.int64) // tf.size(channels_like, tf.int64),
+                   channels_like.dtype)
+
+
+def _replica_moments(ctx, x, mean, variance, merge):
+    """Gathers every replica's (count, mean, variance) and merges them."""
+    count = _local_count(x, mean)
+    # An empty replica batch has NaN statistics; its count of 0 drops it.
+    mean = tf.where(count > 0, mean, 0.0)
+    variance = tf.where(count > 0, variance, 0.0)
+    rows = distributed.gather_rows(
+        ctx, tf.stack([tf.fill(tf.shape(mean), count), mean, variance]))
+    return merge(rows[:, 0], rows[:, 1], rows[:, 2])
+
+
 def _as_vector(value, name, channels, dtype):
     if value is None:
         return None
@@ -216,13 +266,16 @@ def _staged_sum(x, axes):
     return tf.reduce_sum(x, axes[:1], keepdims=True)
 
 
-def _general_train(x, gamma, beta, epsilon, axis):
+def _general_train(x, gamma, beta, epsilon, axis, replica_ctx=None):
     """Training-mode batch norm from TF ops, with a lean custom gradient.
 
     The backward pass keeps only x, the mean and the inverse std (not the
     normalized tensor) and needs two per-channel sums, sum(dy) and
     sum(dy * (x - mean)), reduced side by side so that XLA fuses them into
     one pass over dy and x.
+
+    With a `replica_ctx` the statistics are those of the global batch (one
+    all-reduce forward, one backward, each of a few (C,) vectors).
 
     Returns:
         (y, batch_mean, biased_batch_variance); y in x's dtype, statistics in
@@ -239,6 +292,10 @@ def _general_train(x, gamma, beta, epsilon, axis):
     @tf.custom_gradient
     def forward(x, *params):
         mean, variance = moments(x, axis, one_pass=one_pass)
+        count = _local_count(x, mean)
+        if replica_ctx is not None:
+            count, mean, variance = _replica_moments(
+                replica_ctx, x, mean, variance, merge_moments)
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
         inv = tf.math.rsqrt(variance + tf.cast(epsilon, stat_dtype))
         g = params[0] if has_gamma else None
@@ -256,22 +313,29 @@ def _general_train(x, gamma, beta, epsilon, axis):
             centered = tf.cast(x, stat_dtype) - _per_channel(mean, rank, axis)
             sum_dy = _staged_sum(dy, axes)
             sum_dy_centered = _staged_sum(dy * centered, axes)
-            count = tf.cast(
-                tf.size(x, tf.int64) // tf.size(mean, tf.int64), stat_dtype)
+            # gamma and beta get this replica's share (the optimizer sums
+            # replicas); x sees every replica's outputs through the stats.
+            grad_gamma = tf.reshape(sum_dy_centered, [-1]) * inv
+            grad_beta = tf.reshape(sum_dy, [-1])
+            if replica_ctx is not None:
+                sums = distributed.all_sum(
+                    replica_ctx, tf.stack([sum_dy, sum_dy_centered]))
+                sum_dy, sum_dy_centered = sums[0], sums[1]
             inv_b = _per_channel(inv, rank, axis)
             scale_b = _per_channel(scale, rank, axis)
             # d/dx of gamma * (x - mean) * inv with mean and inv functions
             # of the whole batch: the classic three-term formula.
+            n = _per_channel(tf.maximum(count, 1.0), rank, axis)
             dx = scale_b * (
                 dy
-                - sum_dy / count
-                - centered * (inv_b * inv_b) * (sum_dy_centered / count)
+                - sum_dy / n
+                - centered * (inv_b * inv_b) * (sum_dy_centered / n)
             )
             grads = []
             if has_gamma:
-                grads.append(tf.reshape(sum_dy_centered, [-1]) * inv)
+                grads.append(grad_gamma)
             if has_beta:
-                grads.append(tf.reshape(sum_dy, [-1]))
+                grads.append(grad_beta)
             return (tf.cast(dx, x.dtype), *grads)
 
         return (tf.cast(y, x.dtype), mean, variance), backward
@@ -300,6 +364,7 @@ def batch_norm(
     epsilon=1e-5,
     axis=-1,
     fused=None,
+    synchronized=False,
 ):
     """Batch normalization as a pure function.
 
@@ -354,10 +419,23 @@ def batch_norm(
             "required; received None."
         )
     training = check_training(training)
+    replica_ctx = distributed.replica_context()
+    synchronize = bool(synchronized) and replica_ctx is not None
     use_fused = _choose_fused(fused, x, axis, epsilon, training)
+    if use_fused and synchronize and training is not False:
+        if fused:
+            raise ValueError(
+                "batch_norm: fused=True, but synchronized statistics in a "
+                "multi-replica step need TF ops (the kernel sees one "
+                "replica's batch)."
+            )
+        use_fused = False
 
     def train():
-        if use_fused:
+        if synchronize:
+            y, mean, variance = _general_train(
+                x, gamma, beta, epsilon, axis, replica_ctx)
+        elif use_fused:
             y, mean, variance = fused_kernels.fused_train(
                 x, gamma, beta, epsilon, axis, moving_mean)
             fused_result = (y, mean, variance)
@@ -369,6 +447,9 @@ def batch_norm(
         else:
             y, mean, variance = _general_train(x, gamma, beta, epsilon, axis)
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+        if replica_ctx is not None and not synchronize:
+            _, mean, variance = _replica_moments(
+                replica_ctx, x, mean, variance, pooled_moments)
         return (
             y,
             update_moving(moving_mean, mean, momentum),

@@ -1,0 +1,37 @@
+"""Cross-replica plumbing for tf.distribute: which replica context a call
+runs in, and the collectives that move per-channel statistics between
+replicas. The arithmetic that merges them is `keras_bn.ops.merge_moments`.
+"""
+
+import tensorflow as tf
+
+
+def replica_context():
+    """The replica context of a multi-replica step, else None.
+
+    None outside `strategy.run` (cross-replica context) and with a single
+    replica, where local statistics are already global.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return None
+    return ctx
+
+
+def gather_rows(ctx, local):
+    """Every replica's `local` tensor, stacked: [num_replicas, *local.shape].
+
+    One all-reduce: each replica contributes a zero tensor holding its own
+    row at its replica id, so the sum is the stack of all rows. For a few
+    per-channel vectors this costs less than separate collectives, and the
+    rows stay apart so they can be merged exactly rather than summed.
+    """
+    onehot = tf.one_hot(ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync,
+                        dtype=local.dtype)
+    onehot = tf.reshape(onehot, [-1] + [1] * local.shape.rank)
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, onehot * local[None])
+
+
+def all_sum(ctx, value):
+    """The sum of `value` over all replicas."""
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
