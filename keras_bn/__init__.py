@@ -23,9 +23,20 @@ except ImportError as _error:  # pragma: no cover - depends on the install
         "`pip install 'keras_bn[gpu]'` (NVIDIA GPUs)."
     ) from _error
 
+from keras_bn.calibration import RecalibrationReport
+from keras_bn.calibration import recalibrate
+from keras_bn.interop import from_torch
+from keras_bn.interop import to_torch_state_dict
 from keras_bn.layer import BatchNorm
 from keras_bn.ops import batch_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm", "batch_norm"]
+__all__ = [
+    "BatchNorm",
+    "RecalibrationReport",
+    "batch_norm",
+    "from_torch",
+    "recalibrate",
+    "to_torch_state_dict",
+]

@@ -1,0 +1,298 @@
+"""Precise batch-norm statistics: recompute the moving averages after training.
+
+The moving averages of a batch-norm layer mix statistics computed under
+many past weights; after the last step they lag the weights they are used
+with. `recalibrate` replaces them by the exact population statistics of the
+current model over a set of batches (PreciseBN).
+"""
+
+import dataclasses
+import itertools
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_bn.layer import BatchNorm
+
+_LAYER_TYPES = (BatchNorm, keras.layers.BatchNormalization)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecalibrationReport:
+    """What `recalibrate` did.
+
+    Attributes:
+        layers: names of the batch-norm layers whose statistics were set.
+        skipped: names of the batch-norm layers left alone because they are
+            frozen (`trainable=False`, so they run in inference mode).
+        batches: number of batches run through the model.
+        examples: number of examples in those batches.
+    """
+
+    layers: tuple
+    skipped: tuple
+    batches: int
+    examples: int
+
+    def __str__(self):
+        text = (
+            f"recalibrated {len(self.layers)} batch-norm layers over "
+            f"{self.batches} batches ({self.examples} examples)"
+        )
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} frozen"
+        return text
+
+
+def _batch_norm_layers(model):
+    """(to_update, frozen): the batch-norm layers in `model`, nested too."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "recalibrate: argument `model` must be a Keras model or layer; "
+            f"received {type(model).__name__}."
+        )
+    # Keras has no public walk over nested sublayers (`model.layers` stops at
+    # the first level); `_flatten_layers` is the one Keras itself uses.
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, _LAYER_TYPES)
+    ]
+    if not layers:
+        raise ValueError(
+            "recalibrate: argument `model` must contain a keras_bn.BatchNorm "
+            "or keras.layers.BatchNormalization layer; received "
+            f"{model.name!r}, which has none."
+        )
+    for layer in layers:
+        if layer.moving_mean is None:
+            raise ValueError(
+                f"recalibrate: argument `model` must be built (call it on a "
+                f"batch first); received {model.name!r}, whose layer "
+                f"{layer.name!r} has no weights yet."
+            )
+        if getattr(layer, "renorm", False):
+            raise ValueError(
+                "recalibrate: argument `model` must not contain batch "
+                "renormalization layers, whose moving statistics are not "
+                f"batch averages; received layer {layer.name!r} with "
+                "renorm=True."
+            )
+    update = [layer for layer in layers if layer.trainable]
+    frozen = [layer for layer in layers if not layer.trainable]
+    if not update:
+        raise ValueError(
+            "recalibrate: argument `model` must have a trainable batch-norm "
+            f"layer; received {model.name!r}, whose {len(frozen)} batch-norm "
+            "layers are all frozen (trainable=False) and keep their "
+            "statistics."
+        )
+    return update, frozen
+
+
+def _check_data(data, steps):
+    if steps is not None and (
+        isinstance(steps, bool)
+        or not isinstance(steps, numbers.Integral)
+        or steps < 1
+    ):
+        raise ValueError(
+            "recalibrate: argument `steps` must be None or an integer >= 1; "
+            f"received steps={steps!r}."
+        )
+    if isinstance(data, np.ndarray) or tf.is_tensor(data):
+        raise ValueError(
+            "recalibrate: argument `data` must yield batches (a "
+            "tf.data.Dataset or an iterable of batches); received a single "
+            f"array of shape {tuple(data.shape)}. Batch it first, e.g. "
+            "tf.data.Dataset.from_tensor_slices(x).batch(64)."
+        )
+    if not hasattr(data, "__iter__"):
+        raise ValueError(
+            "recalibrate: argument `data` must be a tf.data.Dataset or an "
+            f"iterable of batches; received {type(data).__name__}."
+        )
+    if isinstance(data, tf.data.Dataset):
+        cardinality = int(data.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY and steps is None:
+            raise ValueError(
+                "recalibrate: argument `steps` is required when `data` is an "
+                "infinite dataset (e.g. one that repeats); received "
+                "steps=None."
+            )
+        total = cardinality if cardinality >= 0 else None
+    else:
+        try:
+            total = len(data)
+        except TypeError:
+            total = None
+    if total is None:
+        return steps
+    return total if steps is None else min(steps, total)
+
+
+def _batch_size(x):
+    first = tf.nest.flatten(x)[0]
+    size = first.shape[0] if first.shape.rank else None
+    if size is None:
+        raise ValueError(
+            "recalibrate: every batch in argument `data` must have a batch "
+            f"dimension; received an input of shape {tuple(first.shape)}."
+        )
+    return int(size)
+
+
+class _PooledMoments:
+    """Population mean and variance of a union of batches, from per-batch ones.
+
+    mean = sum(n * m) / N and var = sum(n * (v + m**2)) / N - mean**2, in
+    float64 and about a shift (the first batch mean), so that the
+    difference of sums does not cancel for data on a large offset.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self._shift = self._sum = self._squares = None
+
+    def add(self, mean, variance, n):
+        mean = np.asarray(mean, np.float64)
+        variance = np.asarray(variance, np.float64)
+        if self._shift is None:
+            self._shift = mean
+            self._sum = np.zeros_like(mean)
+            self._squares = np.zeros_like(mean)
+        d = mean - self._shift
+        self._sum += n * d
+        self._squares += n * (variance + d * d)
+        self.count += n
+
+    def result(self):
+        d = self._sum / self.count
+        # Rounding may leave a tiny negative where a channel is constant.
+        variance = np.maximum(self._squares / self.count - d * d, 0.0)
+        return self._shift + d, variance
+
+
+def _statistics(layer):
+    return (layer.moving_mean, layer.moving_variance)
+
+
+def _restore(saved):
+    for variable, value in saved:
+        variable.assign(value)
+
+
+def recalibrate(model, data, steps=None, verbose=1):
+    """Sets every batch-norm layer's moving statistics to the exact ones.
+
+    PreciseBN (Wu & Johnson, 2021): the moving averages kept during training
+    lag the weights, so after training this runs `model` over `data` with
+    batch statistics and sets each layer's `moving_mean` and
+    `moving_variance` to the statistics of all the batches seen:
+
+    - mean: the mean of the batch means, weighted by batch size;
+    - variance: the pooled variance, the weighted mean of
+      `var + mean**2` minus the population `mean**2` (biased, as the
+      layers store it).
+
+    This applies to `keras_bn.BatchNorm` and `keras.layers.BatchNormalization`
+    layers anywhere in `model`, nested models and layers included. A partial
+    last batch counts with its real size. If batches differ in spatial size
+    (images of several resolutions), each example weighs the same, whatever
+    its number of positions.
+
+    The model runs in training mode, as in the paper's implementation
+    (fvcore's `update_bn_stats`), so Dropout and other training-only layers
+    are active and the statistics are those the layers see in training.
+    Nothing else changes: trainable weights and the optimizer are not
+    touched, every other non-trainable variable (random-seed state
+    included) is restored, and so is each layer's momentum, even if an
+    error interrupts the run (the moving statistics are then restored
+    too). Frozen layers (`trainable=False`) run in inference mode and keep
+    their statistics.
+
+    A layer called more than once per forward pass (shared between two
+    branches) keeps the statistics of its last call only. With
+    `keras.layers.BatchNormalization` and a mask, each batch is weighted
+    by its number of examples, not of unmasked positions.
+
+    Args:
+        model: A built Keras model (or layer) containing batch-norm layers.
+        data: A `tf.data.Dataset` or another iterable of batches. Each batch
+            is `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`, as in
+            `fit()`; only `x` is used. A model with several inputs takes
+            `x` as a tuple or dict inside the batch: `((x1, x2), y)`.
+        steps: The number of batches to use; None (the default) uses all of
+            `data`, which must then be finite.
+        verbose: 0 for silence, 1 for a progress bar, 2 for one line at the
+            end (`keras.utils.Progbar`).
+
+    Returns:
+        A `RecalibrationReport` with the names of the layers updated and
+        skipped, and the numbers of batches and examples seen.
+
+    Reference:
+        - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576),
+          section 3 ("Precise BatchNorm").
+    """
+    layers, frozen = _batch_norm_layers(model)
+    target = _check_data(data, steps)
+    saved = [(v, v.numpy()) for v in model.non_trainable_variables]
+    momenta = [layer.momentum for layer in layers]
+    pooled = [_PooledMoments() for _ in layers]
+    batches = 0
+    progbar = keras.utils.Progbar(target, verbose=verbose, unit_name="batch")
+    try:
+        # With momentum 0 the layers' own update writes the batch statistics
+        # into the moving ones exactly (0 * old + 1 * batch), whatever the
+        # layer type or kernel, so no hook into the model is needed. Keras
+        # reads `momentum` when a function is traced: hence a fresh
+        # tf.function, traced after the change.
+        for layer in layers:
+            layer.momentum = 0.0
+        forward = tf.function(
+            lambda x: model(x, training=True), reduce_retracing=True
+        )
+        for batch in itertools.islice(data, steps):
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+            x = tf.nest.map_structure(tf.convert_to_tensor, x)
+            n = _batch_size(x)
+            if n == 0:
+                continue  # no statistics to add, and NaN ones to avoid
+            forward(x)
+            for layer, moments in zip(layers, pooled):
+                moments.add(
+                    layer.moving_mean.numpy(), layer.moving_variance.numpy(), n
+                )
+            batches += 1
+            progbar.update(batches, finalize=False)
+        if batches == 0:
+            raise ValueError(
+                "recalibrate: argument `data` must yield at least one batch; "
+                "received an empty one."
+            )
+    except BaseException:
+        _restore(saved)
+        raise
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    # Every other non-trainable variable (random-seed state, the statistics
+    # of frozen layers, ...) goes back to what it was.
+    ours = {id(v) for layer in layers for v in _statistics(layer)}
+    _restore([(v, value) for v, value in saved if id(v) not in ours])
+    for layer, moments in zip(layers, pooled):
+        mean, variance = moments.result()
+        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(
+            variance.astype(layer.moving_variance.dtype)
+        )
+    progbar.update(batches, finalize=True)
+    return RecalibrationReport(
+        layers=tuple(layer.name for layer in layers),
+        skipped=tuple(layer.name for layer in frozen),
+        batches=batches,
+        examples=pooled[0].count,
+    )

@@ -1,0 +1,247 @@
+"""PyTorch interop: `torch.nn.BatchNorm*d` state dicts to and from `BatchNorm`.
+
+Reading needs no PyTorch: a state dict of NumPy arrays works as well as one
+of torch tensors. The conventions that differ:
+
+- momentum: PyTorch's weighs the *new* batch, ours the old average, so
+  torch `m` is our `1 - m` (0.1 <-> 0.9, both defaults);
+- running variance: PyTorch stores the unbiased (n / (n - 1)) batch
+  variance, `BatchNorm` the biased one; both normalize with the biased
+  one in training, so only the stored statistics differ;
+- `num_batches_tracked`: PyTorch counts steps only to average cumulatively
+  when momentum is None, which `BatchNorm` has no equivalent for. It is
+  read (and checked) but not kept; `to_torch_state_dict` writes the count
+  it is given, 0 by default.
+"""
+
+import collections.abc
+
+import keras
+import numpy as np
+
+from keras_bn.layer import BatchNorm
+
+_KEYS = (
+    "weight", "bias", "running_mean", "running_var", "num_batches_tracked"
+)
+
+
+def _to_numpy(value):
+    """A torch tensor (without importing torch), array or list to NumPy."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        # NumPy has no bfloat16; float32 holds every bfloat16 value.
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _split_prefix(state_dict):
+    """{"bn1.weight": w, ...} -> ("bn1.", {"weight": w, ...})."""
+    entries = {}
+    prefixes = set()
+    for key, value in state_dict.items():
+        prefix, _, name = str(key).rpartition(".")
+        prefixes.add(prefix + "." if prefix else "")
+        entries[name] = value
+    if len(prefixes) > 1:
+        prefixes = sorted(prefixes)
+        raise ValueError(
+            "from_torch: argument `state_dict_or_module` must hold one "
+            "batch-norm layer's entries; received keys with the prefixes "
+            f"{', '.join(repr(p) for p in prefixes)}. Select one layer, e.g. "
+            "{k: v for k, v in state_dict.items() if "
+            f"k.startswith({prefixes[0]!r})}}."
+        )
+    unexpected = sorted(set(entries) - set(_KEYS))
+    if unexpected:
+        raise ValueError(
+            "from_torch: argument `state_dict_or_module` must hold the "
+            f"entries {', '.join(_KEYS)} of a batch-norm layer; received the "
+            f"unexpected entries {', '.join(unexpected)}."
+        )
+    return prefixes.pop() if prefixes else "", entries
+
+
+def _module_settings(module, layer_kwargs):
+    """BatchNorm's momentum and epsilon from a torch module's, unless given."""
+    settings = {}
+    if "momentum" not in layer_kwargs:
+        torch_momentum = getattr(module, "momentum", 0.1)
+        if torch_momentum is None:
+            raise ValueError(
+                "from_torch: argument `state_dict_or_module` must have a "
+                "numeric momentum: momentum=None (a cumulative moving "
+                "average) has no BatchNorm equivalent; received a module "
+                "with momentum=None. Set the module's momentum, or pass "
+                "momentum= in BatchNorm's convention (1 - torch momentum)."
+            )
+        settings["momentum"] = 1.0 - float(torch_momentum)
+    if "epsilon" not in layer_kwargs:
+        settings["epsilon"] = float(getattr(module, "eps", 1e-5))
+    return settings
+
+
+def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
+    """A built `BatchNorm` holding a PyTorch batch-norm layer's state.
+
+    Its inference outputs equal the module's eval-mode outputs. A state dict
+    doesn't say which of `BatchNorm1d/2d/3d` it came from, and the layer
+    doesn't need to: it accepts inputs of any rank >= 2 with the module's C
+    channels on `axis`.
+
+    Args:
+        state_dict_or_module: A `torch.nn.BatchNorm1d/2d/3d` module (or any
+            object with `state_dict()` and the attributes `momentum` and
+            `eps`), or a mapping from names to torch tensors or NumPy arrays:
+            `weight`, `bias` (both absent for `affine=False`),
+            `running_mean`, `running_var` and optionally
+            `num_batches_tracked`. The names may carry a common prefix, as
+            in a model's state dict (`"bn1.weight"`).
+        axis: The channel axis, 1 as in PyTorch's channels-first layouts;
+            -1 for channels-last inputs.
+        **layer_kwargs: More `BatchNorm` arguments (`name`, `dtype`, ...).
+            A module's momentum and eps become `momentum=1 - momentum` and
+            `epsilon=eps`; passed here (in BatchNorm's convention) they
+            override those. A plain state dict has neither, and the
+            defaults (0.9 and 1e-5) are PyTorch's.
+
+    Returns:
+        A built `BatchNorm`, with `center` and `scale` False for an
+        `affine=False` module. PyTorch's `num_batches_tracked` is not kept.
+
+    Raises:
+        ValueError: for a module with momentum None, one without running
+            statistics (`track_running_stats=False`), or entries that are
+            missing, unexpected or of different lengths.
+    """
+    settings = {}
+    if hasattr(state_dict_or_module, "state_dict") and not isinstance(
+        state_dict_or_module, collections.abc.Mapping
+    ):
+        settings = _module_settings(state_dict_or_module, layer_kwargs)
+        state_dict = state_dict_or_module.state_dict()
+    elif isinstance(state_dict_or_module, collections.abc.Mapping):
+        state_dict = state_dict_or_module
+    else:
+        raise TypeError(
+            "from_torch: argument `state_dict_or_module` must be a torch "
+            "batch-norm module or a mapping of names to tensors; received "
+            f"{type(state_dict_or_module).__name__}."
+        )
+    prefix, entries = _split_prefix(state_dict)
+    if "running_mean" not in entries or "running_var" not in entries:
+        raise ValueError(
+            "from_torch: argument `state_dict_or_module` must have "
+            f"{prefix}running_mean and {prefix}running_var; received "
+            f"{', '.join(prefix + k for k in entries) or 'no entries'}. A "
+            "module built with track_running_stats=False normalizes with "
+            "batch statistics even in eval mode, which BatchNorm does not do."
+        )
+    if ("weight" in entries) != ("bias" in entries):
+        present, absent = (
+            ("weight", "bias") if "weight" in entries else ("bias", "weight")
+        )
+        raise ValueError(
+            "from_torch: argument `state_dict_or_module` must have both "
+            f"{prefix}weight and {prefix}bias or neither (affine=False); "
+            f"received {prefix}{present} without {prefix}{absent}."
+        )
+    affine = "weight" in entries
+    names = ("weight", "bias") if affine else ()
+    names += ("running_mean", "running_var")
+    arrays = [_to_numpy(entries[name]) for name in names]
+    channels = arrays[-1].shape
+    for name, array in zip(names, arrays):
+        if array.ndim != 1 or array.shape != arrays[-1].shape:
+            raise ValueError(
+                "from_torch: argument `state_dict_or_module` must have "
+                f"entries of one shape (C,); received {prefix}{name} of "
+                f"shape {array.shape} and {prefix}running_var of shape "
+                f"{channels}."
+            )
+    if "num_batches_tracked" in entries:
+        tracked = _to_numpy(entries["num_batches_tracked"])
+        if tracked.size != 1:
+            raise ValueError(
+                "from_torch: argument `state_dict_or_module` must have a "
+                f"scalar {prefix}num_batches_tracked; received shape "
+                f"{tracked.shape}."
+            )
+    layer_kwargs = {**settings, **layer_kwargs}
+    layer_kwargs.setdefault("center", affine)
+    layer_kwargs.setdefault("scale", affine)
+    layer = BatchNorm(axis=axis, **layer_kwargs)
+    # Any rank with `axis` in range: only the channel count is kept.
+    rank = max(2, axis + 1 if axis >= 0 else -axis)
+    shape = [None] * rank
+    shape[axis] = channels[0]
+    layer.build(tuple(shape))
+    values = dict(zip(names, arrays))
+    weights = []
+    if layer.scale:
+        weights.append(values.get("weight", np.ones(channels)))
+    if layer.center:
+        weights.append(values.get("bias", np.zeros(channels)))
+    weights += [values["running_mean"], values["running_var"]]
+    layer.set_weights(
+        [w.astype(v.dtype) for w, v in zip(weights, layer.weights)]
+    )
+    return layer
+
+
+def to_torch_state_dict(layer, num_batches_tracked=0, as_numpy=False):
+    """The state dict of a `torch.nn.BatchNorm*d` equivalent to `layer`.
+
+    Load it into `torch.nn.BatchNorm2d(C, eps=layer.epsilon,
+    momentum=1 - layer.momentum)` (or 1d/3d, as the data's rank requires)
+    with `load_state_dict`; its eval-mode outputs then equal the layer's
+    inference outputs. A layer with neither `center` nor `scale` maps to
+    `affine=False` (no weight, no bias); one with only one of them writes
+    the missing one as ones (weight) or zeros (bias), which changes nothing.
+    `running_var` is the layer's moving variance, the biased estimate,
+    where PyTorch would have tracked the unbiased one.
+
+    Args:
+        layer: A built `keras_bn.BatchNorm` or
+            `keras.layers.BatchNormalization`.
+        num_batches_tracked: The step count to write; `BatchNorm` doesn't
+            count steps. PyTorch uses it only when momentum is None.
+        as_numpy: If True, NumPy arrays (and no torch import); else torch
+            tensors, which `load_state_dict` requires.
+
+    Returns:
+        A dict with the keys `weight`, `bias` (unless affine=False),
+        `running_mean`, `running_var` and `num_batches_tracked`.
+    """
+    if not isinstance(layer, (BatchNorm, keras.layers.BatchNormalization)):
+        raise TypeError(
+            "to_torch_state_dict: argument `layer` must be a "
+            "keras_bn.BatchNorm or keras.layers.BatchNormalization; "
+            f"received {type(layer).__name__}."
+        )
+    if layer.moving_mean is None:
+        raise ValueError(
+            "to_torch_state_dict: argument `layer` must be built; received "
+            f"{layer.name!r}, which has no weights yet."
+        )
+    state = {}
+    mean = layer.moving_mean.numpy()
+    if layer.scale or layer.center:
+        ones = np.ones_like(mean)
+        state["weight"] = layer.gamma.numpy() if layer.scale else ones
+        state["bias"] = layer.beta.numpy() if layer.center else 0.0 * ones
+    state["running_mean"] = mean
+    state["running_var"] = layer.moving_variance.numpy()
+    state["num_batches_tracked"] = np.array(num_batches_tracked, np.int64)
+    if as_numpy:
+        return state
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            "to_torch_state_dict: torch tensors need PyTorch, which is not "
+            "installed; pass as_numpy=True for NumPy arrays."
+        ) from error
+    return {key: torch.from_numpy(np.copy(v)) for key, v in state.items()}
