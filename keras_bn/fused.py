@@ -100,10 +100,10 @@ def _kernel_view(x, axis):
     return tf.reshape(x, [before, channels, -1, 1]), "NCHW"
 
 
-def _vectors(gamma, beta, channels_like):
-    ones = tf.ones_like(channels_like)
-    gamma = ones if gamma is None else gamma
-    beta = tf.zeros_like(channels_like) if beta is None else beta
+def _vectors(gamma, beta, x, axis):
+    channels = tf.shape(x)[axis:axis + 1]
+    gamma = tf.ones(channels, tf.float32) if gamma is None else gamma
+    beta = tf.zeros(channels, tf.float32) if beta is None else beta
     return gamma, beta
 
 
@@ -125,19 +125,18 @@ def offset_dominated(mean, variance):
     return tf.reduce_any(tf.square(mean) > OFFSET_DOMINATED_RATIO * variance)
 
 
-def fused_train(x, gamma, beta, epsilon, axis, like):
+def fused_train(x, gamma, beta, epsilon, axis):
     """Training-mode batch norm by the fused kernel.
 
     Args:
         x: float16/bfloat16/float32 input; `axis` non-negative.
         gamma, beta: float32 (C,) vectors or None.
-        like: a float32 (C,) tensor, for default gamma/beta.
 
     Returns:
         (y, batch_mean, biased_batch_variance); y in x's dtype.
     """
     view, data_format = _kernel_view(x, axis)
-    gamma, beta = _vectors(gamma, beta, like)
+    gamma, beta = _vectors(gamma, beta, x, axis)
     empty = tf.zeros([0], tf.float32)
     out = tf.raw_ops.FusedBatchNormV3(
         x=view, scale=gamma, offset=beta, mean=empty, variance=empty,
@@ -146,7 +145,7 @@ def fused_train(x, gamma, beta, epsilon, axis, like):
     )
     # The kernel reports the Bessel-corrected variance n/(n-1) * var (for
     # TF's own moving average); the semantics here are the biased one.
-    n = tf.cast(tf.size(x, tf.int64) // tf.size(like, tf.int64), tf.float32)
+    n = tf.cast(tf.size(x, tf.int64) // tf.size(out.batch_mean, tf.int64), tf.float32)
     biased = out.batch_variance * ((n - 1.0) / tf.maximum(n, 1.0))
     return tf.reshape(out.y, tf.shape(x)), out.batch_mean, biased
 
@@ -154,7 +153,7 @@ def fused_train(x, gamma, beta, epsilon, axis, like):
 def fused_infer(x, gamma, beta, mean, variance, epsilon, axis):
     """Inference-mode batch norm by the fused kernel; y in x's dtype."""
     view, data_format = _kernel_view(x, axis)
-    gamma, beta = _vectors(gamma, beta, mean)
+    gamma, beta = _vectors(gamma, beta, x, axis)
     if epsilon < min_epsilon():
         # Same result, epsilon within cuDNN's limit: the kernel adds its
         # epsilon to the variance we hand it, so hand it the difference.
@@ -165,4 +164,6 @@ def fused_infer(x, gamma, beta, mean, variance, epsilon, axis):
         epsilon=epsilon, exponential_avg_factor=1.0,
         data_format=data_format, is_training=False,
     )
-    return tf.reshape(out.y, tf.shape(x))
+    # No Shape/Reshape pair around a 4-D input: converters fold the bare
+    # kernel into a preceding convolution, and would not fold through them.
+    return out.y if view is x else tf.reshape(out.y, tf.shape(x))

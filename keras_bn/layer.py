@@ -1,13 +1,17 @@
 """The `BatchNorm` Keras layer: weights, moving-average updates and config.
 
-The math is `keras_bn.ops.batch_norm`; this module decides between batch and
-moving statistics and writes the moving statistics back.
+The math lives in `keras_bn.ops`; this module decides between batch and
+moving statistics, and writes the moving statistics back.
 """
+
+import numbers
 
 import keras
 import tensorflow as tf
 
 from keras_bn import ops
+
+_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -51,6 +55,10 @@ class BatchNorm(keras.layers.Layer):
             `Conv2D`, `1` after a channels-first one). The input may have any
             rank >= 2; only the channel size is fixed at build time.
         momentum: Weight of the old value in the moving averages, in [0, 1].
+            None keeps a cumulative average instead, the plain mean of every
+            batch statistic seen so far (PyTorch's `momentum=None`), counted
+            by a non-trainable `num_batches_tracked` weight saved with the
+            others.
         epsilon: Small float > 0 added to the variance.
         center: If True, add the offset `beta`.
         scale: If True, multiply by `gamma`.
@@ -78,6 +86,37 @@ class BatchNorm(keras.layers.Layer):
             statistics are identical on all replicas after every step: from
             the global statistics when synchronized, otherwise from the
             count-weighted mean of the replicas' means and variances.
+        renorm: If True, use Batch Renormalization (Ioffe, 2017): in
+            training, normalize with the batch statistics and correct by
+            `r = std_batch / std_renorm` and `d = (mean_batch - mean_renorm)
+            / std_renorm`, both treated as constants by the gradient and
+            clipped by `renorm_clipping`, where `mean_renorm`/`std_renorm`
+            are extra moving averages (weights `renorm_mean`,
+            `renorm_stddev`) kept with `renorm_momentum`. Inference is plain
+            batch norm with `moving_mean`/`moving_variance`.
+        renorm_clipping: Dict with optional keys "rmax", "rmin", "dmax"
+            (r in [rmin, rmax], d in [-dmax, dmax]; a missing key means no
+            bound). Each value is a number, a Keras
+            `LearningRateSchedule` or a callable of the training step (the
+            `renorm_steps` weight), for the warm-up the paper recommends
+            (r and d start at 1 and 0 and widen).
+        renorm_momentum: Momentum of `renorm_mean`/`renorm_stddev`.
+        virtual_batch_size: If set, Ghost Batch Normalization: in training
+            the batch axis (0) is split into consecutive sub-batches of this
+            size (examples 0..v-1, v..2v-1, ...), each normalized with its
+            own statistics; the moving statistics follow the mean of the
+            sub-batch statistics. The batch size must be a multiple.
+        unbiased_moving_variance: If True, the moving variance follows the
+            unbiased n / (n - 1) batch variance, as PyTorch's running
+            variance does (normalization still uses the biased one). With
+            one value per channel (n = 1) that is infinite, so the update
+            is skipped (see `guard_bad_batches`).
+        guard_bad_batches: If True (default), a training batch whose
+            statistics are not finite (NaN/Inf in the batch) or that has no
+            values (an empty or fully masked batch) leaves every moving
+            statistic exactly as it was; the output is whatever the math
+            gives. `skipped_updates` counts such batches. A batch with one
+            value per channel is allowed: its variance is 0.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -86,9 +125,17 @@ class BatchNorm(keras.layers.Layer):
         training: Python bool, or a scalar bool tensor inside `tf.function`
             (both branches are traced once). None (the default outside
             `fit()`) means inference.
+        mask: Optional bool tensor shaped like `inputs` without the channel
+            axis (e.g. `inputs.shape[:-1]`, as `Embedding(mask_zero=True)`
+            gives for padded sequences): False positions are left out of the
+            batch statistics. Every position is normalized. Passed on to the
+            next layer unchanged.
 
     Reference:
         - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+        - [Ioffe, 2017: Batch Renormalization](https://arxiv.org/abs/1702.03275).
+        - [Hoffer et al., 2017: Ghost Batch Normalization](
+          https://arxiv.org/abs/1705.08741).
     """
 
     def __init__(
@@ -108,12 +155,19 @@ class BatchNorm(keras.layers.Layer):
         gamma_constraint=None,
         fused=None,
         synchronized=False,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        virtual_batch_size=None,
+        unbiased_moving_variance=False,
+        guard_bad_batches=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        owner = f"BatchNorm '{self.name}'"
+        owner = self._owner
         self.axis = ops.check_axis(axis, owner)
-        self.momentum = ops.check_momentum(momentum, owner)
+        self.momentum = (
+            None if momentum is None else ops.check_momentum(momentum, owner))
         self.epsilon = ops.check_epsilon(epsilon, owner)
         self.center = bool(center)
         self.scale = bool(scale)
@@ -129,13 +183,29 @@ class BatchNorm(keras.layers.Layer):
         self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
         self.beta_constraint = keras.constraints.get(beta_constraint)
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
-        if fused is not None and not isinstance(fused, bool):
-            raise ValueError(
-                f"{owner}: argument `fused` must be None, True or False; "
-                f"received fused={fused!r}."
-            )
-        self.fused = fused
+        self.fused = ops.check_fused(fused, owner)
         self.synchronized = bool(synchronized)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = _check_clipping(renorm_clipping, owner)
+        if self.renorm_clipping and not self.renorm:
+            raise ValueError(
+                f"{owner}: argument `renorm_clipping` needs renorm=True; "
+                f"received renorm_clipping={renorm_clipping!r} with "
+                "renorm=False."
+            )
+        self.renorm_momentum = ops.check_momentum(
+            renorm_momentum, f"{owner} (renorm_momentum)")
+        self.virtual_batch_size = _check_virtual_batch_size(
+            virtual_batch_size, owner)
+        if self.virtual_batch_size is not None and self.synchronized:
+            raise ValueError(
+                f"{owner}: arguments `virtual_batch_size` and "
+                "`synchronized=True` don't combine (ghost batches are "
+                "per-replica by definition); received virtual_batch_size="
+                f"{virtual_batch_size}, synchronized=True."
+            )
+        self.unbiased_moving_variance = bool(unbiased_moving_variance)
+        self.guard_bad_batches = bool(guard_bad_batches)
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -151,6 +221,20 @@ class BatchNorm(keras.layers.Layer):
         # Half-precision moving variances overflow and lose small updates.
         return ops.statistics_dtype(self.variable_dtype).name
 
+    def _statistic(self, name, initializer, shape, dtype=None):
+        # Moving statistics are computed identically on every replica (see
+        # ops.normalize_batch); MEAN aggregation keeps the copies equal.
+        integer = dtype is not None and dtype.startswith("int")
+        return self.add_weight(
+            shape=shape,
+            name=name,
+            initializer=initializer,
+            dtype=dtype or self._weight_dtype,
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica" if integer else "mean",
+        )
+
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         axis = ops.channel_axis(len(input_shape), self.axis, self._owner)
@@ -163,7 +247,8 @@ class BatchNorm(keras.layers.Layer):
             )
         shape = (int(channels),)
         # Created in Keras's order so that get_weights()/set_weights()
-        # interoperate with keras.layers.BatchNormalization.
+        # interoperate with keras.layers.BatchNormalization; the weights
+        # only some options need come after those four.
         if self.scale:
             self.gamma = self.add_weight(
                 shape=shape,
@@ -186,24 +271,32 @@ class BatchNorm(keras.layers.Layer):
                 trainable=True,
                 autocast=False,
             )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            dtype=self._weight_dtype,
-            trainable=False,
-            autocast=False,
-            aggregation="mean",
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            dtype=self._weight_dtype,
-            trainable=False,
-            autocast=False,
-            aggregation="mean",
-        )
+        self.moving_mean = self._statistic(
+            "moving_mean", self.moving_mean_initializer, shape)
+        self.moving_variance = self._statistic(
+            "moving_variance", self.moving_variance_initializer, shape)
+        if self.momentum is None:
+            self.num_batches_tracked = self._statistic(
+                "num_batches_tracked", "zeros", (), "int64")
+        if self.renorm:
+            self.renorm_mean = self._statistic(
+                "renorm_mean", self.moving_mean_initializer, shape)
+            self.renorm_stddev = self._statistic(
+                "renorm_stddev", _sqrt_of(self.moving_variance_initializer),
+                shape)
+            self.renorm_steps = self._statistic(
+                "renorm_steps", "zeros", (), "int64")
+        # Monitoring only, so not a Keras weight (which would break the
+        # 4-weight get_weights()/set_weights() interchange with Keras).
+        with tf.init_scope():  # build may run inside a tf.function trace
+            self._skipped_updates = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="skipped_updates",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    @property
+    def skipped_updates(self):
+        """Training batches whose statistics the bad-batch guard refused."""
+        return int(self._skipped_updates.numpy())
 
     def _check_inputs(self, inputs):
         rank = inputs.shape.rank
@@ -223,42 +316,153 @@ class BatchNorm(keras.layers.Layer):
                     f"received dtype {inputs.dtype.name}."
                 )
             inputs = tf.cast(inputs, self.compute_dtype)
-        return inputs
+        return inputs, axis
 
-    def _batch_norm(self, inputs, training):
-        return ops.batch_norm(
-            inputs,
-            self.gamma,
-            self.beta,
-            self.moving_mean,
-            self.moving_variance,
-            training=training,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=self.axis,
-            fused=self.fused,
-            synchronized=self.synchronized,
+    def _check_mask(self, mask, inputs, axis):
+        if mask is None:
+            return None
+        mask = tf.convert_to_tensor(mask)
+        expected = inputs.shape[:axis] + inputs.shape[axis + 1:]
+        if not mask.shape.is_compatible_with(expected):
+            raise ValueError(
+                f"{self._owner}: argument `mask` must have the input's shape "
+                f"without the channel axis, {tuple(expected)}; received "
+                f"shape {tuple(mask.shape)}."
+            )
+        if self.virtual_batch_size is not None:
+            raise ValueError(
+                f"{self._owner}: a `mask` and virtual_batch_size="
+                f"{self.virtual_batch_size} don't combine; received a mask "
+                "with ghost batch normalization on."
+            )
+        return tf.cast(mask, tf.bool)
+
+    def _check_batch(self, inputs):
+        v = self.virtual_batch_size
+        if v is None:
+            return inputs
+        batch = inputs.shape[0]
+        message = (
+            f"{self._owner}: the batch size must be a multiple of "
+            f"virtual_batch_size={v}; received"
         )
+        if batch is not None:
+            if batch % v:
+                raise ValueError(f"{message} a batch of {batch}.")
+            return inputs
+        with tf.control_dependencies([tf.debugging.assert_equal(
+                tf.shape(inputs)[0] % v, 0, message=f"{message} another size.")]):
+            return tf.identity(inputs)
 
-    def _train(self, inputs):
-        y, mean, variance = self._batch_norm(inputs, True)
-        self.moving_mean.assign(mean)
-        self.moving_variance.assign(variance)
+    def _vectors(self, stat_dtype):
+        def read(variable):
+            return None if variable is None else tf.cast(variable, stat_dtype)
+        return read(self.gamma), read(self.beta)
+
+    def _train(self, inputs, axis, mask):
+        inputs = self._check_batch(inputs)
+        stat_dtype = ops.statistics_dtype(inputs.dtype)
+        gamma, beta = self._vectors(stat_dtype)
+        y, stats = ops.normalize_batch(
+            inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
+            fused=self.fused, synchronized=self.synchronized,
+            virtual_batch_size=self.virtual_batch_size, mask=mask,
+            correction=self._renorm_correction(stat_dtype) if self.renorm else None,
+        )
+        # Updates after the output: nothing they overwrite is read late.
+        with tf.control_dependencies([y]):
+            self._update_statistics(stats)
         return y
 
-    def _infer(self, inputs):
-        return self._batch_norm(inputs, False)[0]
+    def _update_statistics(self, stats):
+        mean, variance = stats.mean, stats.variance
+        if self.unbiased_moving_variance:
+            variance = ops.unbiased_variance(variance, stats.count)
+        usable = ops.is_usable(ops.BatchStats(stats.count, mean, variance))
+        keep = tf.logical_not(usable) if self.guard_bad_batches else tf.constant(False)
 
-    def call(self, inputs, training=None):
-        inputs = self._check_inputs(tf.convert_to_tensor(inputs))
+        def assign(variable, value):
+            # tf.where, not tf.cond: a refused batch leaves the exact bits.
+            value = tf.cast(value, variable.dtype)
+            variable.assign(tf.where(keep, tf.convert_to_tensor(variable), value))
+
+        old_mean = tf.cast(self.moving_mean, mean.dtype)
+        old_variance = tf.cast(self.moving_variance, mean.dtype)
+        if self.momentum is None:
+            seen = self.num_batches_tracked
+            assign(self.moving_mean, ops.cumulative_average(old_mean, mean, seen))
+            assign(self.moving_variance,
+                   ops.cumulative_average(old_variance, variance, seen))
+            self.num_batches_tracked.assign_add(tf.cast(tf.logical_not(keep), tf.int64))
+        else:
+            assign(self.moving_mean, ops.update_moving(old_mean, mean, self.momentum))
+            assign(self.moving_variance,
+                   ops.update_moving(old_variance, variance, self.momentum))
+        if self.renorm:
+            stddev = tf.sqrt(stats.variance + self.epsilon)
+            assign(self.renorm_mean, ops.update_moving(
+                tf.cast(self.renorm_mean, mean.dtype), mean, self.renorm_momentum))
+            assign(self.renorm_stddev, ops.update_moving(
+                tf.cast(self.renorm_stddev, mean.dtype), stddev, self.renorm_momentum))
+            self.renorm_steps.assign_add(1)
+        if self.guard_bad_batches:
+            self._skipped_updates.assign_add(tf.cast(keep, tf.int64))
+
+    def _renorm_correction(self, dtype):
+        """Batch renormalization's `f(mean, variance, broadcast) -> (r, d)`.
+
+        The renorm statistics are read here, before the forward pass, not
+        inside it: read within the custom gradient, Grappler's dependency
+        optimizer was seen to let their update overtake the read.
+        """
+        # Early in training the renorm stddev may be tiny; sqrt(epsilon) is
+        # the smallest a batch stddev can be.
+        renorm_stddev = tf.maximum(
+            tf.cast(self.renorm_stddev, dtype), tf.sqrt(tf.cast(self.epsilon, dtype)))
+        renorm_mean = tf.cast(self.renorm_mean, dtype)
+        step = tf.cast(self.renorm_steps, tf.float32)
+        # A numeric bound goes straight to the statistics dtype; a float32
+        # round trip would move 1.2 by 5e-8 in float64.
+        bounds = {k: tf.cast(v(step), dtype) if callable(v) else tf.constant(v, dtype)
+                  for k, v in self.renorm_clipping.items()}
+
+        def correction(mean, variance, broadcast):
+            stddev = tf.sqrt(variance + self.epsilon)
+            r = stddev / broadcast(renorm_stddev)
+            d = (mean - broadcast(renorm_mean)) / broadcast(renorm_stddev)
+            if "rmin" in bounds:
+                r = tf.maximum(r, bounds["rmin"])
+            if "rmax" in bounds:
+                r = tf.minimum(r, bounds["rmax"])
+            if "dmax" in bounds:
+                d = tf.clip_by_value(d, -bounds["dmax"], bounds["dmax"])
+            return r, d
+
+        return correction
+
+    def _infer(self, inputs, axis):
+        stat_dtype = ops.statistics_dtype(inputs.dtype)
+        gamma, beta = self._vectors(stat_dtype)
+        return ops.normalize_inference(
+            inputs, tf.cast(self.moving_mean, stat_dtype),
+            tf.cast(self.moving_variance, stat_dtype), gamma, beta,
+            epsilon=self.epsilon, axis=axis, fused=self.fused)
+
+    def call(self, inputs, training=None, mask=None):
+        inputs, axis = self._check_inputs(tf.convert_to_tensor(inputs))
+        mask = self._check_mask(mask, inputs, axis)
         training = ops.check_training(training, self._owner)
         if not self.trainable:
             training = False
         if isinstance(training, bool):
-            return self._train(inputs) if training else self._infer(inputs)
+            if training:
+                return self._train(inputs, axis, mask)
+            return self._infer(inputs, axis)
         # A symbolic flag: the update happens only inside the training branch.
         return tf.cond(
-            training, lambda: self._train(inputs), lambda: self._infer(inputs)
+            training,
+            lambda: self._train(inputs, axis, mask),
+            lambda: self._infer(inputs, axis),
         )
 
     def compute_output_shape(self, input_shape):
@@ -299,6 +503,83 @@ class BatchNorm(keras.layers.Layer):
                 ),
                 "fused": self.fused,
                 "synchronized": self.synchronized,
+                "renorm": self.renorm,
+                "renorm_clipping": {
+                    k: _serialize_bound(v) for k, v in self.renorm_clipping.items()
+                } or None,
+                "renorm_momentum": self.renorm_momentum,
+                "virtual_batch_size": self.virtual_batch_size,
+                "unbiased_moving_variance": self.unbiased_moving_variance,
+                "guard_bad_batches": self.guard_bad_batches,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        clipping = config.get("renorm_clipping")
+        if clipping:
+            config["renorm_clipping"] = {
+                k: _deserialize_bound(v) for k, v in clipping.items()}
+        return super().from_config(config)
+
+
+def _sqrt_of(initializer):
+    """An initializer for a standard deviation from one for a variance."""
+    def initialize(shape, dtype=None):
+        return tf.sqrt(initializer(shape, dtype=dtype))
+    return initialize
+
+
+def _check_virtual_batch_size(value, owner):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"{owner}: argument `virtual_batch_size` must be None or an "
+            f"integer >= 1; received virtual_batch_size={value!r}."
+        )
+    return int(value)
+
+
+def _check_clipping(clipping, owner):
+    if clipping is None:
+        return {}
+    if not isinstance(clipping, dict) or set(clipping) - set(_CLIPPING_KEYS):
+        raise ValueError(
+            f"{owner}: argument `renorm_clipping` must be a dict with keys "
+            f"among {_CLIPPING_KEYS}; received renorm_clipping={clipping!r}."
+        )
+    for key, value in clipping.items():
+        if callable(value):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+            raise ValueError(
+                f"{owner}: renorm_clipping[{key!r}] must be a number >= 0, a "
+                "Keras LearningRateSchedule or a callable of the step; "
+                f"received {value!r}."
+            )
+    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
+    if isinstance(rmin, numbers.Real) and isinstance(rmax, numbers.Real) and rmax < rmin:
+        raise ValueError(
+            f"{owner}: renorm_clipping needs rmin <= rmax; received "
+            f"rmin={rmin}, rmax={rmax}."
+        )
+    return dict(clipping)
+
+
+def _serialize_bound(bound):
+    if isinstance(bound, keras.optimizers.schedules.LearningRateSchedule):
+        return keras.optimizers.schedules.serialize(bound)
+    if callable(bound):
+        return keras.saving.serialize_keras_object(bound)
+    return bound
+
+
+def _deserialize_bound(bound):
+    if isinstance(bound, dict) and "class_name" in bound:
+        if bound.get("module", "").startswith("keras.optimizers.schedules"):
+            return keras.optimizers.schedules.deserialize(bound)
+        return keras.saving.deserialize_keras_object(bound)
+    return bound

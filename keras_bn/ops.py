@@ -5,6 +5,7 @@ Nothing here owns a variable. `batch_norm` is the public op; the layer in
 Every formula lives in this module once.
 """
 
+import collections
 import numbers
 
 import tensorflow as tf
@@ -118,7 +119,7 @@ def _two_pass(x, axes):
 _MAX_SHIFT_RATIO = 63.0
 
 
-def _shifted_one_pass(x, axes, axis):
+def _shifted_one_pass(x, axes):
     """Mean and variance from the sums of d and d^2 in one pass over x.
 
     d = x - s with s each channel's first element: data values, so s sits
@@ -126,8 +127,7 @@ def _shifted_one_pass(x, axes, axis):
     offset (1e4 + N(0, 1)). Should s be an outlier, the two-pass estimate is
     computed instead, so accuracy never drops below it.
     """
-    rank = x.shape.rank
-    first = x[tuple(slice(0, 1) if i != axis else slice(None) for i in range(rank))]
+    first = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.shape.rank))]
     shift = tf.stop_gradient(first)
     d = x - shift
     d_mean = _mean(d, axes)
@@ -162,7 +162,7 @@ def moments(x, axis=-1, one_pass=False):
     x = tf.cast(x, statistics_dtype(x.dtype))
     axes = [i for i in range(rank) if i != axis]
     if one_pass:
-        mean, variance = _shifted_one_pass(x, axes, axis)
+        mean, variance = _shifted_one_pass(x, axes)
     else:
         mean, variance = _two_pass(x, axes)
     return tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
@@ -184,9 +184,29 @@ def scale_and_offset(mean, variance, gamma, beta, epsilon):
     return a, b
 
 
-def update_moving(moving, batch_value, momentum):
-    """The exponential moving average: momentum * moving + (1 - momentum) * batch."""
-    return momentum * moving + (1.0 - momentum) * batch_value
+def _weighted_moments(x, axes, weights):
+    """Two-pass corrected mean and variance over positions where weights=1.
+
+    Returns keepdims (count, mean, variance); an all-masked reduction gives
+    count 0 and mean 0, variance 0 (divide_no_nan), which the bad-batch
+    guard then refuses for the moving statistics.
+    """
+    count = tf.reduce_sum(weights * tf.ones_like(x), axes, keepdims=True)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(weights * x, axes, keepdims=True), count)
+    centered = (x - mean) * weights
+    residual = tf.math.divide_no_nan(tf.reduce_sum(centered, axes, keepdims=True), count)
+    square = tf.math.divide_no_nan(
+        tf.reduce_sum(tf.square(centered), axes, keepdims=True), count)
+    variance = tf.maximum(square - tf.square(residual), 0.0)
+    return count, mean + residual, variance
+
+
+class BatchStats(collections.namedtuple("BatchStats", ["count", "mean", "variance"])):
+    """Per-channel (C,) statistics that moving averages follow.
+
+    `count` is the number of values behind each statistic (per sub-batch
+    with ghost batches): what an unbiased variance n / (n - 1) needs.
+    """
 
 
 def merge_moments(counts, means, variances):
@@ -222,20 +242,40 @@ def pooled_moments(counts, means, variances):
     return count, mean, variance
 
 
-def _local_count(x, channels_like):
-    return tf.cast(tf.size(x, tf.int64) // tf.size(channels_like, tf.int64),
-                   channels_like.dtype)
-
-
-def _replica_moments(ctx, x, mean, variance, merge):
-    """Gathers every replica's (count, mean, variance) and merges them."""
-    count = _local_count(x, mean)
+def _replica_moments(ctx, count, mean, variance, merge):
+    """Gathers every replica's (C,) count, mean and variance and merges them."""
     # An empty replica batch has NaN statistics; its count of 0 drops it.
     mean = tf.where(count > 0, mean, 0.0)
     variance = tf.where(count > 0, variance, 0.0)
-    rows = distributed.gather_rows(
-        ctx, tf.stack([tf.fill(tf.shape(mean), count), mean, variance]))
+    rows = distributed.gather_rows(ctx, tf.stack([count, mean, variance]))
     return merge(rows[:, 0], rows[:, 1], rows[:, 2])
+
+
+def update_moving(moving, batch_value, momentum):
+    """The exponential moving average: momentum * moving + (1 - momentum) * batch."""
+    return momentum * moving + (1.0 - momentum) * batch_value
+
+
+def cumulative_average(moving, batch_value, batches_seen):
+    """The mean of all batch values so far, after `batches_seen` earlier ones
+    (PyTorch's momentum=None): moving + (batch - moving) / (seen + 1)."""
+    return moving + (batch_value - moving) / (tf.cast(batches_seen, moving.dtype) + 1.0)
+
+
+def unbiased_variance(variance, count):
+    """n / (n - 1) * variance, the unbiased estimate PyTorch keeps in its
+    running variance; infinite for n = 1, which the bad-batch guard refuses."""
+    return variance * count / (count - 1.0)
+
+
+def is_usable(stats):
+    """A scalar bool: the batch statistics are finite and come from at least
+    one value per channel (what the moving statistics may follow)."""
+    return tf.logical_and(
+        tf.reduce_all(tf.math.is_finite(stats.mean))
+        & tf.reduce_all(tf.math.is_finite(stats.variance)),
+        tf.reduce_all(stats.count > 0),
+    )
 
 
 def _as_vector(value, name, channels, dtype):
@@ -266,7 +306,8 @@ def _staged_sum(x, axes):
     return tf.reduce_sum(x, axes[:1], keepdims=True)
 
 
-def _general_train(x, gamma, beta, epsilon, axis, replica_ctx=None):
+def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
+                   virtual_batch_size=None, mask=None, correction=None):
     """Training-mode batch norm from TF ops, with a lean custom gradient.
 
     The backward pass keeps only x, the mean and the inverse std (not the
@@ -274,82 +315,200 @@ def _general_train(x, gamma, beta, epsilon, axis, replica_ctx=None):
     sum(dy * (x - mean)), reduced side by side so that XLA fuses them into
     one pass over dy and x.
 
-    With a `replica_ctx` the statistics are those of the global batch (one
-    all-reduce forward, one backward, each of a few (C,) vectors).
+    Args:
+        replica_ctx: statistics of the global batch across replicas (one
+            all-reduce forward, one backward, each of a few (C,) vectors).
+        virtual_batch_size: statistics per consecutive sub-batch of this
+            many examples along axis 0 (ghost batch normalization).
+        mask: bool tensor, x's shape without the channel axis: positions
+            that count in the statistics (all positions are normalized).
+        correction: `f(mean, variance, broadcast) -> (r, d)` giving batch
+            renormalization's factors (constants for the gradient):
+            y = gamma * (x_hat * r + d) + beta. `mean` and `variance` keep
+            their reduced dimensions; `broadcast` reshapes a (C,) vector
+            to match them.
 
     Returns:
-        (y, batch_mean, biased_batch_variance); y in x's dtype, statistics in
-        `statistics_dtype(x.dtype)` and carrying no gradient.
+        (y, BatchStats); y in x's dtype, statistics in
+        `statistics_dtype(x.dtype)` carrying no gradient: per channel, or
+        with ghost batches the mean over sub-batches.
     """
-    rank = x.shape.rank
-    axes = [i for i in range(rank) if i != axis]
     stat_dtype = statistics_dtype(x.dtype)
     has_gamma, has_beta = gamma is not None, beta is not None
     params = [p for p in (gamma, beta) if p is not None]
+    rank = x.shape.rank
+    x_shape = tf.shape(x)
+    weights = None
+    if mask is not None:
+        weights = tf.expand_dims(tf.cast(mask, stat_dtype), axis)
+    if virtual_batch_size is not None:
+        # [N, ...] -> [G, v, ...]: sub-batch g holds examples g*v .. g*v+v-1.
+        ghost_shape = tf.concat([[-1, virtual_batch_size], x_shape[1:]], 0)
+        view = lambda t: tf.reshape(t, ghost_shape)  # noqa: E731
+        kept = {0, axis + 1}
+        rank += 1
+        axis += 1
+    else:
+        view = lambda t: t  # noqa: E731
+        kept = {axis}
+    axes = [i for i in range(rank) if i not in kept]
+    one_pass = fused_kernels.in_xla_context() and weights is None
 
-    one_pass = fused_kernels.in_xla_context()
+    def stats_of(xs):
+        if weights is not None:
+            return _weighted_moments(xs, axes, view(weights))
+        if one_pass:
+            mean, variance = _shifted_one_pass(xs, axes)
+        else:
+            mean, variance = _two_pass(xs, axes)
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(xs), axes)), stat_dtype)
+        return tf.fill(tf.shape(mean), count), mean, variance
+
+    def broadcast(v):
+        return v if v.shape.rank == rank else _per_channel(v, rank, axis)
 
     @tf.custom_gradient
     def forward(x, *params):
-        mean, variance = moments(x, axis, one_pass=one_pass)
-        count = _local_count(x, mean)
+        xs = view(tf.cast(x, stat_dtype))
+        count, mean, variance = stats_of(xs)
         if replica_ctx is not None:
+            shape = tf.shape(mean)
             count, mean, variance = _replica_moments(
-                replica_ctx, x, mean, variance, merge_moments)
+                replica_ctx, tf.reshape(count, [-1]), tf.reshape(mean, [-1]),
+                tf.reshape(variance, [-1]), merge_moments)
+            count, mean, variance = (tf.reshape(t, shape) for t in (count, mean, variance))
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
         inv = tf.math.rsqrt(variance + tf.cast(epsilon, stat_dtype))
-        g = params[0] if has_gamma else None
-        b = params[-1] if has_beta else None
-        scale = inv if g is None else inv * g
-        xs = tf.cast(x, stat_dtype)
+        g = broadcast(params[0]) if has_gamma else None
+        b = broadcast(params[-1]) if has_beta else None
+        r = d = None
+        if correction is not None:
+            r, d = (tf.stop_gradient(t) for t in correction(mean, variance, broadcast))
+        scale = inv if r is None else inv * r
+        scale = scale if g is None else scale * g
+        offset = None if d is None else (d if g is None else d * g)
+        if b is not None:
+            offset = b if offset is None else offset + b
         # With batch statistics the input is centred first: x * a + b would
         # cancel two large terms when |mean| >> std and lose digits.
-        y = (xs - _per_channel(mean, rank, axis)) * _per_channel(scale, rank, axis)
-        if b is not None:
-            y = y + _per_channel(b, rank, axis)
+        y = (xs - mean) * scale
+        if offset is not None:
+            y = y + offset
 
-        def backward(dy, _dmean, _dvar):
-            dy = tf.cast(dy, stat_dtype)
-            centered = tf.cast(x, stat_dtype) - _per_channel(mean, rank, axis)
+        def backward(dy, *_):
+            dy = view(tf.cast(dy, stat_dtype))
+            centered = xs - mean
             sum_dy = _staged_sum(dy, axes)
             sum_dy_centered = _staged_sum(dy * centered, axes)
             # gamma and beta get this replica's share (the optimizer sums
             # replicas); x sees every replica's outputs through the stats.
-            grad_gamma = tf.reshape(sum_dy_centered, [-1]) * inv
-            grad_beta = tf.reshape(sum_dy, [-1])
+            grads = []
+            if has_gamma:
+                grad_gamma = sum_dy_centered * inv
+                if r is not None:
+                    grad_gamma = grad_gamma * r + sum_dy * d
+                grads.append(_to_vector(grad_gamma, kept, axis))
+            if has_beta:
+                grads.append(_to_vector(sum_dy, kept, axis))
             if replica_ctx is not None:
                 sums = distributed.all_sum(
                     replica_ctx, tf.stack([sum_dy, sum_dy_centered]))
                 sum_dy, sum_dy_centered = sums[0], sums[1]
-            inv_b = _per_channel(inv, rank, axis)
-            scale_b = _per_channel(scale, rank, axis)
-            # d/dx of gamma * (x - mean) * inv with mean and inv functions
-            # of the whole batch: the classic three-term formula.
-            n = _per_channel(tf.maximum(count, 1.0), rank, axis)
-            dx = scale_b * (
-                dy
-                - sum_dy / n
-                - centered * (inv_b * inv_b) * (sum_dy_centered / n)
+            n = tf.maximum(count, 1.0)
+            w = 1.0 if weights is None else view(weights)
+            dx = scale * (
+                dy - w * (sum_dy / n + centered * (inv * inv) * (sum_dy_centered / n))
             )
-            grads = []
-            if has_gamma:
-                grads.append(grad_gamma)
-            if has_beta:
-                grads.append(grad_beta)
-            return (tf.cast(dx, x.dtype), *grads)
+            return (tf.cast(tf.reshape(dx, x_shape), x.dtype), *grads)
 
-        return (tf.cast(y, x.dtype), mean, variance), backward
+        y = tf.cast(tf.reshape(y, x_shape), x.dtype)
+        return (y, count, mean, variance), backward
 
-    return forward(x, *params)
+    y, count, mean, variance = forward(x, *params)
+    # Moving statistics follow the mean over sub-batches with ghost batches.
+    count, mean, variance = (
+        _to_vector(t, kept, axis, tf.reduce_mean) for t in (count, mean, variance))
+    return y, BatchStats(count, mean, variance)
 
 
-def _infer(x, mean, variance, gamma, beta, epsilon, axis):
-    """Inference-mode batch norm as `x * a + b`, the form converters fold."""
+def _to_vector(t, kept, axis, reduce=tf.reduce_sum):
+    """A keepdims statistic -> (C,), reducing a ghost-batch axis 0 if any."""
+    if 0 in kept and axis != 0:
+        t = reduce(t, 0, keepdims=True)
+    return tf.reshape(t, [-1])
+
+
+def normalize_inference(x, mean, variance, gamma, beta, *, epsilon, axis,
+                        fused=None):
+    """Inference-mode normalization with given statistics.
+
+    The fused kernel for 4-D inputs where `fused` and the device choose it,
+    else TF ops as `x * a + b`, the form converters fold into the preceding
+    layer.
+    """
+    # By default only 4-D inputs take the kernel in inference: for other
+    # ranks its reshapes keep TFLite from folding the batch norm into the
+    # preceding Dense or convolution layer, which matters more to a served
+    # model than the kernel's one pass over x instead of two.
+    if (fused or x.shape.rank == 4) and _choose_fused(fused, x, axis, epsilon, False):
+        return fused_kernels.fused_infer(x, gamma, beta, mean, variance, epsilon, axis)
     rank = x.shape.rank
     a, b = scale_and_offset(mean, variance, gamma, beta, epsilon)
     xs = tf.cast(x, statistics_dtype(x.dtype))
     y = xs * _per_channel(a, rank, axis) + _per_channel(b, rank, axis)
     return tf.cast(y, x.dtype)
+
+
+def normalize_batch(x, gamma, beta, *, epsilon, axis, fused=None,
+                    synchronized=False, virtual_batch_size=None, mask=None,
+                    correction=None):
+    """Training-mode normalization with batch statistics; no moving update.
+
+    Arguments as in `batch_norm` (already checked and converted: `axis`
+    non-negative, vectors in the statistics dtype), plus those of
+    `_general_train`. The fused kernel serves only the plain case.
+
+    Returns:
+        (y, BatchStats) where the statistics are those the moving averages
+        should follow: in a multi-replica step, the same on every replica.
+    """
+    replica_ctx = distributed.replica_context()
+    synchronize = bool(synchronized) and replica_ctx is not None
+    extras = synchronize or virtual_batch_size is not None or mask is not None or (
+        correction is not None)
+    if extras:
+        if fused:
+            raise ValueError(
+                "batch_norm: fused=True, but the kernel computes plain "
+                "per-replica statistics only (no synchronized, ghost-batch, "
+                "masked or renormalized ones)."
+            )
+        y, stats = _general_train(
+            x, gamma, beta, epsilon, axis,
+            replica_ctx=replica_ctx if synchronize else None,
+            virtual_batch_size=virtual_batch_size, mask=mask,
+            correction=correction)
+    elif _choose_fused(fused, x, axis, epsilon, True):
+        y, mean, variance = fused_kernels.fused_train(x, gamma, beta, epsilon, axis)
+        stats = BatchStats(_channel_count(x, mean), mean, variance)
+        fused_result = (y, stats)
+        y, stats = tf.cond(
+            fused_kernels.offset_dominated(mean, variance),
+            lambda: _general_train(x, gamma, beta, epsilon, axis),
+            lambda: fused_result,
+        )
+    else:
+        y, stats = _general_train(x, gamma, beta, epsilon, axis)
+    stats = BatchStats(*(tf.stop_gradient(t) for t in stats))
+    if replica_ctx is not None and not synchronize:
+        stats = BatchStats(*_replica_moments(
+            replica_ctx, stats.count, stats.mean, stats.variance, pooled_moments))
+    return y, stats
+
+
+def _channel_count(x, like):
+    n = tf.size(x, tf.int64) // tf.size(like, tf.int64)
+    return tf.fill(tf.shape(like), tf.cast(n, like.dtype))
 
 
 def batch_norm(
@@ -400,6 +559,7 @@ def batch_norm(
     momentum = check_momentum(momentum)
     epsilon = check_epsilon(epsilon)
     axis = check_axis(axis)
+    fused = check_fused(fused)
     x = tf.convert_to_tensor(x)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
@@ -419,49 +579,21 @@ def batch_norm(
             "required; received None."
         )
     training = check_training(training)
-    replica_ctx = distributed.replica_context()
-    synchronize = bool(synchronized) and replica_ctx is not None
-    use_fused = _choose_fused(fused, x, axis, epsilon, training)
-    if use_fused and synchronize and training is not False:
-        if fused:
-            raise ValueError(
-                "batch_norm: fused=True, but synchronized statistics in a "
-                "multi-replica step need TF ops (the kernel sees one "
-                "replica's batch)."
-            )
-        use_fused = False
 
     def train():
-        if synchronize:
-            y, mean, variance = _general_train(
-                x, gamma, beta, epsilon, axis, replica_ctx)
-        elif use_fused:
-            y, mean, variance = fused_kernels.fused_train(
-                x, gamma, beta, epsilon, axis, moving_mean)
-            fused_result = (y, mean, variance)
-            y, mean, variance = tf.cond(
-                fused_kernels.offset_dominated(mean, variance),
-                lambda: _general_train(x, gamma, beta, epsilon, axis),
-                lambda: fused_result,
-            )
-        else:
-            y, mean, variance = _general_train(x, gamma, beta, epsilon, axis)
-        mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
-        if replica_ctx is not None and not synchronize:
-            _, mean, variance = _replica_moments(
-                replica_ctx, x, mean, variance, pooled_moments)
+        y, stats = normalize_batch(
+            x, gamma, beta, epsilon=epsilon, axis=axis, fused=fused,
+            synchronized=synchronized)
         return (
             y,
-            update_moving(moving_mean, mean, momentum),
-            update_moving(moving_var, variance, momentum),
+            update_moving(moving_mean, stats.mean, momentum),
+            update_moving(moving_var, stats.variance, momentum),
         )
 
     def infer():
-        if use_fused:
-            y = fused_kernels.fused_infer(
-                x, gamma, beta, moving_mean, moving_var, epsilon, axis)
-        else:
-            y = _infer(x, moving_mean, moving_var, gamma, beta, epsilon, axis)
+        y = normalize_inference(
+            x, moving_mean, moving_var, gamma, beta, epsilon=epsilon,
+            axis=axis, fused=fused)
         return y, moving_mean, moving_var
 
     if isinstance(training, bool):
@@ -469,12 +601,17 @@ def batch_norm(
     return tf.cond(training, train, infer)
 
 
-def _choose_fused(fused, x, axis, epsilon, training):
+def check_fused(fused, owner="batch_norm"):
+    """Raises ValueError unless `fused` is None, True or False."""
     if fused is not None and not isinstance(fused, bool):
         raise ValueError(
-            "batch_norm: argument `fused` must be None, True or False; "
+            f"{owner}: argument `fused` must be None, True or False; "
             f"received fused={fused!r}."
         )
+    return fused
+
+
+def _choose_fused(fused, x, axis, epsilon, training):
     if fused is False:
         return False
     reason = fused_kernels.unsupported_reason(x, axis, epsilon, training)

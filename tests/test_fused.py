@@ -58,6 +58,9 @@ def _bn(x, training, fused_arg=None, axis=-1):
     ],
 )
 def test_dispatch_on_cpu(shape, axis, fused_arg, expected, training):
+    # Inference keeps the kernel for 4-D inputs only (unless asked): its
+    # reshapes would stop TFLite folding a Dense layer's batch norm.
+    expected = expected and (training or len(shape) == 4 or fused_arg is True)
     spec = tf.TensorSpec([None, *shape[1:]], tf.float32)
     types = _op_types(lambda x: _bn(x, training, fused_arg, axis), spec)
     assert ("FusedBatchNormV3" in types) == expected
