@@ -25,6 +25,8 @@ except ImportError as _error:  # pragma: no cover - depends on the install
 
 from keras_bn.calibration import RecalibrationReport
 from keras_bn.calibration import recalibrate
+from keras_bn.folding import ChannelAffine
+from keras_bn.folding import fold_batch_norms
 from keras_bn.interop import from_torch
 from keras_bn.interop import to_torch_state_dict
 from keras_bn.layer import BatchNorm
@@ -34,8 +36,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "ChannelAffine",
     "RecalibrationReport",
     "batch_norm",
+    "fold_batch_norms",
     "from_torch",
     "recalibrate",
     "to_torch_state_dict",

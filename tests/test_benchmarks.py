@@ -28,3 +28,22 @@ def test_layer_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
     for row in data["results"]:
         assert row["ms"]["keras_bn"] > 0 and row["ms"]["keras"] > 0
         assert row["ratio_to_keras"] == pytest.approx(row["ms"]["keras_bn"] / row["ms"]["keras"])
+
+
+@pytest.mark.slow
+def test_fold_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
+    out = tmp_path / "fold.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "fold_benchmark.py"),
+         "--quick", "--batches", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| batch | unfolded ms | folded ms | speed-up |" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["environment"]["tensorflow"] and data["environment"]["cpu"]
+    assert data["max_output_difference"] < 1e-3
+    (row,) = data["results"]
+    assert row["batch"] == 2 and row["unfolded_ms"] > 0 and row["folded_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["unfolded_ms"] / row["folded_ms"])
