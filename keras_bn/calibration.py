@@ -73,7 +73,9 @@ def _batch_norm_layers(model):
                 f"batch first); received {model.name!r}, whose layer "
                 f"{layer.name!r} has no weights yet."
             )
-        if getattr(layer, "renorm", False):
+        # Keras's renorm layer derives its moving variance from a moving
+        # stddev; ours keeps plain averages of batch statistics.
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.renorm:
             raise ValueError(
                 "recalibrate: argument `model` must not contain batch "
                 "renormalization layers, whose moving statistics are not "
@@ -154,6 +156,7 @@ class _PooledMoments:
 
     def __init__(self):
         self.count = 0
+        self.batches = 0
         self._shift = self._sum = self._squares = None
 
     def add(self, mean, variance, n):
@@ -167,12 +170,30 @@ class _PooledMoments:
         self._sum += n * d
         self._squares += n * (variance + d * d)
         self.count += n
+        self.batches += 1
 
     def result(self):
         d = self._sum / self.count
         # Rounding may leave a tiny negative where a channel is constant.
         variance = np.maximum(self._squares / self.count - d * d, 0.0)
         return self._shift + d, variance
+
+
+def _skipped(layer):
+    counter = getattr(layer, "_skipped_updates", None)
+    return None if counter is None else int(counter.numpy())
+
+
+def _positions(layer):
+    """Values per example and channel the layer sees (1 for Dense outputs),
+    from its input shape where Keras recorded one."""
+    try:
+        shape = layer.input.shape
+    except (AttributeError, ValueError):
+        return 1
+    axis = layer.axis % len(shape)
+    sizes = [d for i, d in enumerate(shape) if i not in (0, axis)]
+    return int(np.prod(sizes)) if all(d is not None for d in sizes) else 1
 
 
 def _statistics(layer):
@@ -194,8 +215,14 @@ def recalibrate(model, data, steps=None, verbose=1):
 
     - mean: the mean of the batch means, weighted by batch size;
     - variance: the pooled variance, the weighted mean of
-      `var + mean**2` minus the population `mean**2` (biased, as the
-      layers store it).
+      `var + mean**2` minus the population `mean**2`: biased, as the
+      layers store it, or times N / (N - 1) for a `BatchNorm` with
+      `unbiased_moving_variance=True`, N the number of values per channel
+      (examples times positions, from the layer's recorded input shape).
+
+    A `BatchNorm` with `momentum=None` also gets `num_batches_tracked` set
+    to the number of batches averaged. Batches its bad-batch guard refuses
+    (non-finite statistics) don't count for that layer.
 
     This applies to `keras_bn.BatchNorm` and `keras.layers.BatchNormalization`
     layers anywhere in `model`, nested models and layers included. A partial
@@ -240,7 +267,10 @@ def recalibrate(model, data, steps=None, verbose=1):
     layers, frozen = _batch_norm_layers(model)
     target = _check_data(data, steps)
     saved = [(v, v.numpy()) for v in model.non_trainable_variables]
+    saved += [(layer._skipped_updates, layer._skipped_updates.numpy())
+              for layer in layers if isinstance(layer, BatchNorm)]
     momenta = [layer.momentum for layer in layers]
+    unbiased = [getattr(layer, "unbiased_moving_variance", False) for layer in layers]
     pooled = [_PooledMoments() for _ in layers]
     batches = 0
     progbar = keras.utils.Progbar(target, verbose=verbose, unit_name="batch")
@@ -252,6 +282,8 @@ def recalibrate(model, data, steps=None, verbose=1):
         # tf.function, traced after the change.
         for layer in layers:
             layer.momentum = 0.0
+            if isinstance(layer, BatchNorm):
+                layer.unbiased_moving_variance = False
         forward = tf.function(
             lambda x: model(x, training=True), reduce_retracing=True
         )
@@ -261,8 +293,13 @@ def recalibrate(model, data, steps=None, verbose=1):
             n = _batch_size(x)
             if n == 0:
                 continue  # no statistics to add, and NaN ones to avoid
+            refused = [_skipped(layer) for layer in layers]
             forward(x)
-            for layer, moments in zip(layers, pooled):
+            for layer, moments, before in zip(layers, pooled, refused):
+                # A batch the bad-batch guard refused left the previous
+                # statistics in place: they must not count twice.
+                if _skipped(layer) != before:
+                    continue
                 moments.add(
                     layer.moving_mean.numpy(), layer.moving_variance.numpy(), n
                 )
@@ -277,14 +314,24 @@ def recalibrate(model, data, steps=None, verbose=1):
         _restore(saved)
         raise
     finally:
-        for layer, momentum in zip(layers, momenta):
+        for layer, momentum, flag in zip(layers, momenta, unbiased):
             layer.momentum = momentum
+            if isinstance(layer, BatchNorm):
+                layer.unbiased_moving_variance = flag
     # Every other non-trainable variable (random-seed state, the statistics
     # of frozen layers, ...) goes back to what it was.
     ours = {id(v) for layer in layers for v in _statistics(layer)}
     _restore([(v, value) for v, value in saved if id(v) not in ours])
-    for layer, moments in zip(layers, pooled):
+    for layer, moments, flag in zip(layers, pooled, unbiased):
+        if moments.count == 0:
+            continue  # every batch refused: the layer keeps its statistics
         mean, variance = moments.result()
+        if flag:
+            values = moments.count * _positions(layer)
+            variance = variance * values / max(values - 1, 1)
+        if getattr(layer, "momentum", 0.0) is None:
+            # A cumulative average over the batches just seen.
+            layer.num_batches_tracked.assign(moments.batches)
         layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
         layer.moving_variance.assign(
             variance.astype(layer.moving_variance.dtype)

@@ -6,12 +6,12 @@ of torch tensors. The conventions that differ:
 - momentum: PyTorch's weighs the *new* batch, ours the old average, so
   torch `m` is our `1 - m` (0.1 <-> 0.9, both defaults);
 - running variance: PyTorch stores the unbiased (n / (n - 1)) batch
-  variance, `BatchNorm` the biased one; both normalize with the biased
-  one in training, so only the stored statistics differ;
-- `num_batches_tracked`: PyTorch counts steps only to average cumulatively
-  when momentum is None, which `BatchNorm` has no equivalent for. It is
-  read (and checked) but not kept; `to_torch_state_dict` writes the count
-  it is given, 0 by default.
+  variance, `BatchNorm` the biased one unless `unbiased_moving_variance=True`;
+  both normalize with the biased one in training, so only the stored
+  statistics differ. `from_torch` turns the unbiased option on, so that
+  training goes on exactly as it would have in PyTorch;
+- momentum None (a cumulative average) is `BatchNorm(momentum=None)`, and
+  `num_batches_tracked` its step count, carried both ways.
 """
 
 import collections.abc
@@ -69,15 +69,8 @@ def _module_settings(module, layer_kwargs):
     settings = {}
     if "momentum" not in layer_kwargs:
         torch_momentum = getattr(module, "momentum", 0.1)
-        if torch_momentum is None:
-            raise ValueError(
-                "from_torch: argument `state_dict_or_module` must have a "
-                "numeric momentum: momentum=None (a cumulative moving "
-                "average) has no BatchNorm equivalent; received a module "
-                "with momentum=None. Set the module's momentum, or pass "
-                "momentum= in BatchNorm's convention (1 - torch momentum)."
-            )
-        settings["momentum"] = 1.0 - float(torch_momentum)
+        settings["momentum"] = (
+            None if torch_momentum is None else 1.0 - float(torch_momentum))
     if "epsilon" not in layer_kwargs:
         settings["epsilon"] = float(getattr(module, "eps", 1e-5))
     return settings
@@ -102,19 +95,22 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
         axis: The channel axis, 1 as in PyTorch's channels-first layouts;
             -1 for channels-last inputs.
         **layer_kwargs: More `BatchNorm` arguments (`name`, `dtype`, ...).
-            A module's momentum and eps become `momentum=1 - momentum` and
-            `epsilon=eps`; passed here (in BatchNorm's convention) they
-            override those. A plain state dict has neither, and the
-            defaults (0.9 and 1e-5) are PyTorch's.
+            A module's momentum and eps become `momentum=1 - momentum` (None
+            stays None: a cumulative average) and `epsilon=eps`; passed here
+            (in BatchNorm's convention) they override those. A plain state
+            dict has neither, and the defaults (0.9 and 1e-5) are PyTorch's.
+            `unbiased_moving_variance` defaults to True here, PyTorch's way
+            of keeping the running variance.
 
     Returns:
         A built `BatchNorm`, with `center` and `scale` False for an
-        `affine=False` module. PyTorch's `num_batches_tracked` is not kept.
+        `affine=False` module, and `num_batches_tracked` in its weight of
+        that name when momentum is None.
 
     Raises:
-        ValueError: for a module with momentum None, one without running
-            statistics (`track_running_stats=False`), or entries that are
-            missing, unexpected or of different lengths.
+        ValueError: for a module without running statistics
+            (`track_running_stats=False`), or entries that are missing,
+            unexpected or of different lengths.
     """
     settings = {}
     if hasattr(state_dict_or_module, "state_dict") and not isinstance(
@@ -170,6 +166,7 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
                 f"{tracked.shape}."
             )
     layer_kwargs = {**settings, **layer_kwargs}
+    layer_kwargs.setdefault("unbiased_moving_variance", True)
     layer_kwargs.setdefault("center", affine)
     layer_kwargs.setdefault("scale", affine)
     layer = BatchNorm(axis=axis, **layer_kwargs)
@@ -185,13 +182,16 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
     if layer.center:
         weights.append(values.get("bias", np.zeros(channels)))
     weights += [values["running_mean"], values["running_var"]]
+    if layer.momentum is None:
+        tracked = entries.get("num_batches_tracked", 0)
+        weights.append(np.asarray(_to_numpy(tracked)).reshape(()))
     layer.set_weights(
         [w.astype(v.dtype) for w, v in zip(weights, layer.weights)]
     )
     return layer
 
 
-def to_torch_state_dict(layer, num_batches_tracked=0, as_numpy=False):
+def to_torch_state_dict(layer, num_batches_tracked=None, as_numpy=False):
     """The state dict of a `torch.nn.BatchNorm*d` equivalent to `layer`.
 
     Load it into `torch.nn.BatchNorm2d(C, eps=layer.epsilon,
@@ -200,14 +200,16 @@ def to_torch_state_dict(layer, num_batches_tracked=0, as_numpy=False):
     inference outputs. A layer with neither `center` nor `scale` maps to
     `affine=False` (no weight, no bias); one with only one of them writes
     the missing one as ones (weight) or zeros (bias), which changes nothing.
-    `running_var` is the layer's moving variance, the biased estimate,
-    where PyTorch would have tracked the unbiased one.
+    `running_var` is the layer's moving variance: the unbiased estimate
+    PyTorch keeps if the layer has `unbiased_moving_variance=True` (as
+    `from_torch` layers do), else the biased one.
 
     Args:
         layer: A built `keras_bn.BatchNorm` or
             `keras.layers.BatchNormalization`.
-        num_batches_tracked: The step count to write; `BatchNorm` doesn't
-            count steps. PyTorch uses it only when momentum is None.
+        num_batches_tracked: The step count to write. None (the default)
+            takes the layer's own count when it has one (momentum=None),
+            else 0; PyTorch uses it only when momentum is None.
         as_numpy: If True, NumPy arrays (and no torch import); else torch
             tensors, which `load_state_dict` requires.
 
@@ -234,6 +236,9 @@ def to_torch_state_dict(layer, num_batches_tracked=0, as_numpy=False):
         state["bias"] = layer.beta.numpy() if layer.center else 0.0 * ones
     state["running_mean"] = mean
     state["running_var"] = layer.moving_variance.numpy()
+    if num_batches_tracked is None:
+        counter = getattr(layer, "num_batches_tracked", None)
+        num_batches_tracked = 0 if counter is None else counter.numpy()
     state["num_batches_tracked"] = np.array(num_batches_tracked, np.int64)
     if as_numpy:
         return state

@@ -266,3 +266,36 @@ def test_errors_name_the_argument():
         f"recalibrate: argument `model` must have a trainable batch-norm layer; received "
         f"{model.name!r}, whose 1 batch-norm layers are all frozen (trainable=False) and keep "
         "their statistics.")
+
+
+def test_unbiased_layer_gets_the_unbiased_population_variance():
+    # 4 values per channel: variances (3, 12) become (4, 16) with 4 / 3.
+    model = keras.Sequential([keras.Input((2,)), BatchNorm(unbiased_moving_variance=True)])
+    bn = model.layers[0]
+    recalibrate(model, SMALL, verbose=0)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), [4.0, 16.0], rtol=1e-6)
+    assert bn.unbiased_moving_variance  # restored
+
+
+def test_cumulative_layer_counts_the_batches_averaged():
+    model, bn = _one_layer(momentum=None)
+    recalibrate(model, SMALL, verbose=0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), [1.0, 3.0])
+    assert int(bn.num_batches_tracked.numpy()) == 2
+    assert bn.momentum is None
+
+
+def test_batches_refused_by_the_guard_do_not_count():
+    model, bn = _one_layer()
+    data = [SMALL[0], np.array([[np.nan, 1.0]], np.float32), SMALL[1]]
+    recalibrate(model, data, verbose=0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), [1.0, 3.0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), [3.0, 12.0])
+    assert bn.skipped_updates == 0  # its counter is restored too
+
+
+def test_our_renorm_layer_is_recalibrated():
+    # Its moving statistics are plain averages of batch statistics.
+    model = keras.Sequential([keras.Input((2,)), BatchNorm(renorm=True)])
+    recalibrate(model, SMALL, verbose=0)
+    np.testing.assert_array_equal(model.layers[0].moving_mean.numpy(), [1.0, 3.0])

@@ -118,11 +118,6 @@ def _message(call):
 
 
 def test_from_torch_errors_name_the_argument():
-    assert _message(lambda: from_torch(_FakeModule(_state_dict(), momentum=None))) == (
-        "from_torch: argument `state_dict_or_module` must have a numeric momentum: "
-        "momentum=None (a cumulative moving average) has no BatchNorm equivalent; received a "
-        "module with momentum=None. Set the module's momentum, or pass momentum= in "
-        "BatchNorm's convention (1 - torch momentum).")
     assert _message(lambda: from_torch({"bn.weight": np.ones(2), "bn.bias": np.zeros(2)})) == (
         "from_torch: argument `state_dict_or_module` must have bn.running_mean and "
         "bn.running_var; received bn.weight, bn.bias. A module built with "
@@ -233,10 +228,28 @@ def test_exported_state_dict_loads_strictly_into_torch(torch):
                                atol=F32_TOL)
 
 
-def test_torch_errors(torch):
+def test_torch_cumulative_average_carries_over_and_keeps_training_alike(torch):
+    # momentum=None in both: the mean of all batch statistics, with the
+    # step count carried across and PyTorch's unbiased running variance.
     module = _trained_module(torch, momentum=None)
-    with pytest.raises(ValueError, match="momentum=None"):
-        from_torch(module)
+    layer = from_torch(module)
+    assert layer.momentum is None and layer.unbiased_moving_variance
+    assert int(layer.num_batches_tracked.numpy()) == int(module.num_batches_tracked)
+    module.train()
+    rng = np.random.RandomState(8)
+    for _ in range(2):
+        x = rng.normal(0.5, 2.0, (4, 3, 2, 2)).astype(np.float32)
+        module(torch.from_numpy(x))
+        layer(x, training=True)
+    exported = to_torch_state_dict(layer, as_numpy=True)
+    # float32 EMA arithmetic in two libraries: a few ulps.
+    for key in ("running_mean", "running_var"):
+        np.testing.assert_allclose(exported[key], getattr(module, key).detach().numpy(),
+                                   rtol=F32_TOL, atol=F32_TOL)
+    assert int(exported["num_batches_tracked"]) == int(module.num_batches_tracked)
+
+
+def test_torch_errors(torch):
     untracked = torch.nn.BatchNorm2d(3, track_running_stats=False)
     with pytest.raises(ValueError, match="track_running_stats=False"):
         from_torch(untracked)
@@ -254,21 +267,35 @@ def test_half_and_double_precision_modules(torch):
                                           state[key].float().numpy())
 
 
-def test_training_follows_torch_but_stores_the_biased_variance(torch):
-    # Same batches, converted momentum: equal outputs and running means; the
-    # running variances differ only in PyTorch's n / (n - 1) on each batch's
-    # contribution (the initial 1 decays as 0.9 ** steps in both).
+def test_training_follows_torch_step_for_step(torch):
+    # Same batches, converted momentum, PyTorch's unbiased running variance
+    # (from_torch's default): equal outputs and running statistics.
     module = torch.nn.BatchNorm2d(3).train()
     layer = from_torch(module)
+    rng = np.random.RandomState(7)
+    for _ in range(3):
+        x = rng.normal(0.5, 2.0, (4, 3, 2, 2)).astype(np.float32)
+        np.testing.assert_allclose(layer(x, training=True), _torch_out(torch, module, x),
+                                   rtol=F32_TOL, atol=F32_TOL)
+    exported = to_torch_state_dict(layer, as_numpy=True)
+    for key in ("running_mean", "running_var"):
+        np.testing.assert_allclose(exported[key], getattr(module, key).detach().numpy(),
+                                   rtol=F32_TOL, atol=F32_TOL)
+
+
+def test_biased_layer_stores_the_biased_variance(torch):
+    # With unbiased_moving_variance=False the running variances differ only
+    # in PyTorch's n / (n - 1) on each batch's contribution (the initial 1
+    # decays as 0.9 ** steps in both).
+    module = torch.nn.BatchNorm2d(3).train()
+    layer = from_torch(module, unbiased_moving_variance=False)
     rng = np.random.RandomState(7)
     shape, steps = (4, 3, 2, 2), 3
     for _ in range(steps):
         x = rng.normal(0.5, 2.0, shape).astype(np.float32)
-        np.testing.assert_allclose(layer(x, training=True), _torch_out(torch, module, x),
-                                   rtol=F32_TOL, atol=F32_TOL)
+        layer(x, training=True)
+        _torch_out(torch, module, x)
     exported = to_torch_state_dict(layer, as_numpy=True)
-    np.testing.assert_allclose(exported["running_mean"], module.running_mean.numpy(),
-                               rtol=F32_TOL, atol=F32_TOL)
     n = shape[0] * shape[2] * shape[3]
     decay = 0.9 ** steps
     np.testing.assert_allclose((module.running_var.numpy() - decay),
