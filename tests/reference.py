@@ -1,7 +1,8 @@
 """A float64 NumPy reference for batch normalization, written from the
-formula and sharing no code with keras_bn."""
+formula and sharing no code with keras_bn, and small shared test helpers."""
 
 import numpy as np
+import tensorflow as tf
 
 
 def np_batch_norm(
@@ -40,3 +41,15 @@ def random_params(channels, seed=0):
     moving_mean = rng.uniform(-1.0, 1.0, channels)
     moving_var = rng.uniform(0.5, 2.0, channels)
     return gamma, beta, moving_mean, moving_var
+
+
+def train_step_gradients(layer, x, dy, jit_compile=False):
+    """Gradients of a training-mode call w.r.t. x, gamma and beta for the
+    upstream gradient `dy`, eagerly or in an XLA-compiled function."""
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
+
+    return tf.function(step, jit_compile=True)(x) if jit_compile else step(x)

@@ -15,6 +15,7 @@ from keras_bn import batch_norm
 from keras_bn import fused
 from tests.reference import np_batch_norm
 from tests.reference import random_params
+from tests.reference import train_step_gradients
 
 F32_TOL = 1e-5  # see tests/test_ops.py
 # Dispatch expectations for a CPU-only machine; with a GPU, cuDNN takes every
@@ -177,14 +178,8 @@ def test_xla_train_step_gradients_match_eager(fused_arg):
     dy = tf.constant(rng.normal(0.0, 1.0, (4, 3, 3, 5)), tf.float32)
     layer = BatchNorm(fused=fused_arg)
     layer.build(x.shape)
-
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-        return tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
-
-    for got, want in zip(tf.function(step, jit_compile=True)(x), step(x)):
+    xla = train_step_gradients(layer, x, dy, jit_compile=True)
+    for got, want in zip(xla, train_step_gradients(layer, x, dy)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -13,6 +13,7 @@ from keras_bn import BatchNorm
 from keras_bn import batch_norm
 from tests.reference import np_batch_norm
 from tests.reference import random_params
+from tests.reference import train_step_gradients
 
 pytestmark = [
     pytest.mark.gpu,
@@ -87,14 +88,8 @@ def test_xla_train_step_matches_eager_on_gpu():
     dy = tf.random.normal([8, 5, 5, 6], seed=3)
     layer = BatchNorm()
     layer.build(x.shape)
-
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-        return tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
-
-    for got, want in zip(tf.function(step, jit_compile=True)(x), step(x)):
+    xla = train_step_gradients(layer, x, dy, jit_compile=True)
+    for got, want in zip(xla, train_step_gradients(layer, x, dy)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
