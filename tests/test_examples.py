@@ -61,3 +61,34 @@ def test_export_and_serve_serves_from_a_process_without_keras_bn(tmp_path):
     assert rows["SavedModel"][0] == rows["TFLite"][0] == rows["trained"][0]  # accuracy
     assert (tmp_path / "digits" / "1" / "saved_model.pb").is_file()  # TF Serving's layout
     assert (tmp_path / "digits.tflite").is_file()
+
+
+@pytest.mark.slow
+def test_digits_compares_runs_plots_exports_and_serves(tmp_path):
+    result = run_example("digits.py", "--epochs", "1", "--out", str(tmp_path))
+    # The example exits non-zero if a served model's logits differ from
+    # model.predict's by more than its tolerance.
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+
+    for run in ("batch norm", "no batch norm"):
+        (row,) = [line.split() for line in lines if line.startswith(run + "  ")]
+        loss, accuracy, epochs_to_90, seconds, unit = row[len(run.split()):]
+        assert float(loss) > 0 and 0 <= float(accuracy) <= 1 and float(seconds) > 0
+        assert epochs_to_90 in ("1", "never") and unit == "s"
+
+    with open(tmp_path / "digits_curves.png", "rb") as f:
+        png = f.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # The IHDR chunk comes first: width and height, 4 big-endian bytes each.
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (800, 304) and 10_000 < len(png) < 200_000
+
+    for name in ("batch_norm", "folded"):
+        assert (tmp_path / "models" / name / "1" / "saved_model.pb").is_file()
+    assert "keras_bn imported: no" in result.stdout
+    header = lines.index(next(line for line in lines if line.startswith("image true label")))
+    served = [line.split() for line in lines[header + 1:header + 11]]
+    assert len(served) == 10 and all(len(row) == 4 for row in served)
+    assert all(row[2] == row[3] for row in served)  # batch_norm and folded predict alike
+    assert "served predictions agree with model.predict" in result.stdout
