@@ -293,27 +293,63 @@ class BatchNorm(keras.layers.Layer):
                 0, dtype=tf.int64, trainable=False, name="skipped_updates",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
+    def set_weights(self, weights):
+        """As Keras's, but every shape is checked before anything changes:
+        a wrong array leaves all weights as they were."""
+        weights = list(weights)
+        if len(weights) == len(self.weights):
+            for variable, value in zip(self.weights, weights):
+                shape = tuple(getattr(value, "shape", ()))
+                if shape != tuple(variable.shape):
+                    raise ValueError(
+                        f"{self._owner}: weight {variable.name!r} has shape "
+                        f"{tuple(variable.shape)}; received an array of shape "
+                        f"{shape}. Nothing was set."
+                    )
+        super().set_weights(weights)
+
     @property
     def skipped_updates(self):
         """Training batches whose statistics the bad-batch guard refused."""
         return int(self._skipped_updates.numpy())
 
     def _check_inputs(self, inputs):
+        if isinstance(inputs, tf.RaggedTensor):
+            raise TypeError(
+                f"{self._owner}: expected a dense tensor; received a "
+                "RaggedTensor. Pad it with `x.to_tensor()` and pass `mask=` to "
+                "keep the padding out of the batch statistics."
+            )
+        if isinstance(inputs, tf.SparseTensor):
+            raise TypeError(
+                f"{self._owner}: expected a dense tensor; received a "
+                "SparseTensor. Convert it with `tf.sparse.to_dense(x)` first."
+            )
+        inputs = tf.convert_to_tensor(inputs)
         rank = inputs.shape.rank
         axis = ops.channel_axis(rank, self.axis, self._owner)
         expected = self.moving_mean.shape[0]
         received = inputs.shape[axis]
+        message = (
+            f"{self._owner} was built for {expected} channels on axis "
+            f"{self.axis}; received an input with"
+        )
         if received is not None and received != expected:
             raise ValueError(
-                f"{self._owner} was built for {expected} channels on axis "
-                f"{self.axis}; received an input with {received} channels "
-                f"(shape {tuple(inputs.shape)})."
+                f"{message} {received} channels (shape {tuple(inputs.shape)})."
             )
+        if received is None:
+            # Known only at run time (a traced [None, None] signature).
+            with tf.control_dependencies([tf.debugging.assert_equal(
+                    tf.shape(inputs)[axis], expected,
+                    message=f"{message} another number of channels.")]):
+                inputs = tf.identity(inputs)
         if not inputs.dtype.is_floating:
             if inputs.dtype not in (tf.bool,) and not inputs.dtype.is_integer:
                 raise TypeError(
-                    f"{self._owner}: expected a numeric input tensor; "
-                    f"received dtype {inputs.dtype.name}."
+                    f"{self._owner}: expected a real-valued (float, integer "
+                    f"or bool) input tensor; received dtype "
+                    f"{inputs.dtype.name}."
                 )
             inputs = tf.cast(inputs, self.compute_dtype)
         return inputs, axis
@@ -418,7 +454,7 @@ class BatchNorm(keras.layers.Layer):
         # Early in training the renorm stddev may be tiny; sqrt(epsilon) is
         # the smallest a batch stddev can be.
         renorm_stddev = tf.maximum(
-            tf.cast(self.renorm_stddev, dtype), tf.sqrt(tf.cast(self.epsilon, dtype)))
+            tf.cast(self.renorm_stddev, dtype), tf.sqrt(tf.constant(self.epsilon, dtype)))
         renorm_mean = tf.cast(self.renorm_mean, dtype)
         step = tf.cast(self.renorm_steps, tf.float32)
         # A numeric bound goes straight to the statistics dtype; a float32
@@ -449,7 +485,7 @@ class BatchNorm(keras.layers.Layer):
             epsilon=self.epsilon, axis=axis, fused=self.fused)
 
     def call(self, inputs, training=None, mask=None):
-        inputs, axis = self._check_inputs(tf.convert_to_tensor(inputs))
+        inputs, axis = self._check_inputs(inputs)
         mask = self._check_mask(mask, inputs, axis)
         training = ops.check_training(training, self._owner)
         if not self.trainable:

@@ -183,7 +183,9 @@ def scale_and_offset(mean, variance, gamma, beta, epsilon):
     a = gamma / sqrt(variance + epsilon), b = beta - mean * a. This is the
     inference form that converters fold into the preceding layer.
     """
-    epsilon = tf.cast(epsilon, variance.dtype)
+    # tf.constant, not tf.cast: a cast goes through float32 and would round
+    # epsilon for float64 statistics.
+    epsilon = tf.constant(epsilon, variance.dtype)
     a = tf.math.rsqrt(variance + epsilon)
     if gamma is not None:
         a = a * gamma
@@ -290,7 +292,7 @@ def is_usable(stats):
 def _as_vector(value, name, channels, dtype):
     if value is None:
         return None
-    value = tf.convert_to_tensor(value)
+    value = tf.convert_to_tensor(value, dtype_hint=dtype)
     if not value.dtype.is_floating:
         raise TypeError(
             f"batch_norm: argument `{name}` must be floating-point; received "
@@ -383,7 +385,7 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
                 tf.reshape(variance, [-1]), merge_moments)
             count, mean, variance = (tf.reshape(t, shape) for t in (count, mean, variance))
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
-        inv = tf.math.rsqrt(variance + tf.cast(epsilon, stat_dtype))
+        inv = tf.math.rsqrt(variance + tf.constant(epsilon, stat_dtype))
         g = broadcast(params[0]) if has_gamma else None
         b = broadcast(params[-1]) if has_beta else None
         r = d = None

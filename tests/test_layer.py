@@ -246,4 +246,4 @@ def test_string_input_error():
     with pytest.raises(TypeError) as info:
         layer.call(tf.constant([["a", "b"]]))
     assert str(info.value) == (
-        "BatchNorm 'bn_s': expected a numeric input tensor; received dtype string.")
+        "BatchNorm 'bn_s': expected a real-valued (float, integer or bool) input tensor; received dtype string.")
