@@ -63,15 +63,7 @@ class ChannelAffine(keras.layers.Layer):
         return f"ChannelAffine '{self.name}'"
 
     def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        axis = ops.channel_axis(len(input_shape), self.axis, self._owner)
-        if input_shape[axis] is None:
-            raise ValueError(
-                f"{self._owner}: the channel dimension (axis {self.axis}) of "
-                f"the input must be known at build time; received input "
-                f"shape {input_shape}."
-            )
-        shape = (int(input_shape[axis]),)
+        shape = (ops.known_channels(input_shape, self.axis, self._owner),)
         dtype = ops.statistics_dtype(self.variable_dtype).name
         self.scale = self.add_weight(
             shape=shape, name="scale", initializer="ones", dtype=dtype,
@@ -87,10 +79,8 @@ class ChannelAffine(keras.layers.Layer):
         rank = x.shape.rank
         axis = ops.channel_axis(rank, self.axis, self._owner)
         dtype = ops.statistics_dtype(x.dtype)
-        shape = [1] * rank
-        shape[axis] = -1
-        scale = tf.reshape(tf.cast(self.scale, dtype), shape)
-        offset = tf.reshape(tf.cast(self.offset, dtype), shape)
+        scale = ops.per_channel(tf.cast(self.scale, dtype), rank, axis)
+        offset = ops.per_channel(tf.cast(self.offset, dtype), rank, axis)
         # Multiply, then add: the order converters fold into a neighbour.
         return tf.cast(tf.cast(x, dtype) * scale + offset, x.dtype)
 

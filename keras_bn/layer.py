@@ -236,16 +236,7 @@ class BatchNorm(keras.layers.Layer):
         )
 
     def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        axis = ops.channel_axis(len(input_shape), self.axis, self._owner)
-        channels = input_shape[axis]
-        if channels is None:
-            raise ValueError(
-                f"{self._owner}: the channel dimension (axis {self.axis}) of "
-                f"the input must be known at build time; received input "
-                f"shape {input_shape}."
-            )
-        shape = (int(channels),)
+        shape = (ops.known_channels(input_shape, self.axis, self._owner),)
         # Created in Keras's order so that get_weights()/set_weights()
         # interoperate with keras.layers.BatchNormalization; the weights
         # only some options need come after those four.

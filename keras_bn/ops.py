@@ -1,8 +1,9 @@
 """Pure batch-normalization math: statistics, normalization, moving averages.
 
-Nothing here owns a variable. `batch_norm` is the public op; the layer in
-`keras_bn.layer` calls it and only assigns the moving statistics it returns.
-Every formula lives in this module once.
+Nothing here owns a variable. `batch_norm` is the public op, built from
+`normalize_batch` (training) and `normalize_inference`, which the layer in
+`keras_bn.layer` calls directly before assigning the moving statistics with
+the update rules below. Every formula lives in this module once.
 """
 
 import collections
@@ -75,13 +76,25 @@ def channel_axis(rank, axis, owner="batch_norm"):
     return axis % rank
 
 
+def known_channels(input_shape, axis, owner):
+    """The channel count on `axis` of a build-time shape; ValueError if unknown."""
+    input_shape = tuple(input_shape)
+    channels = input_shape[channel_axis(len(input_shape), axis, owner)]
+    if channels is None:
+        raise ValueError(
+            f"{owner}: the channel dimension (axis {axis}) of the input must "
+            f"be known at build time; received input shape {input_shape}."
+        )
+    return int(channels)
+
+
 def statistics_dtype(dtype):
     """float32 for half-precision inputs (their sums overflow), else `dtype`."""
     dtype = tf.as_dtype(dtype)
     return tf.float32 if dtype in _HALF_DTYPES else dtype
 
 
-def _per_channel(v, rank, axis):
+def per_channel(v, rank, axis):
     """Reshapes a (C,) vector so that it broadcasts along `axis`."""
     if axis == rank - 1:
         return v
@@ -90,17 +103,21 @@ def _per_channel(v, rank, axis):
     return tf.reshape(v, shape)
 
 
-def _mean(x, axes):
-    """Mean over `axes` in two stages: the trailing axes, then the first.
+def _staged(reduce, x, axes):
+    """`reduce` over `axes` in two stages: the trailing axes, then the first.
 
     Summing hundreds of thousands of float32 values in one pass lets the
     rounding error of the running sum grow with it (0.6 % of the variance
-    for 256x32x32 values at an offset of 1e4); summing each image first
+    for 256x32x32 values at an offset of 1e4); reducing each image first
     keeps every partial sum short.
     """
     if len(axes) > 1:
-        x = tf.reduce_mean(x, axes[1:], keepdims=True)
-    return tf.reduce_mean(x, axes[:1], keepdims=True)
+        x = reduce(x, axes[1:], keepdims=True)
+    return reduce(x, axes[:1], keepdims=True)
+
+
+def _mean(x, axes):
+    return _staged(tf.reduce_mean, x, axes)
 
 
 def _two_pass(x, axes):
@@ -211,8 +228,11 @@ def _weighted_moments(x, axes, weights):
     count 0 and mean 0, variance 0 (divide_no_nan), which the bad-batch
     guard then refuses for the moving statistics.
     """
-    count = tf.reduce_sum(weights * tf.ones_like(x), axes, keepdims=True)
-    mean = tf.math.divide_no_nan(tf.reduce_sum(weights * x, axes, keepdims=True), count)
+    total = tf.reduce_sum(weights * x, axes, keepdims=True)
+    # The weights lack the channel axis (size 1 there): count them, then
+    # give the count the statistics' shape.
+    count = tf.broadcast_to(tf.reduce_sum(weights, axes, keepdims=True), tf.shape(total))
+    mean = tf.math.divide_no_nan(total, count)
     centered = (x - mean) * weights
     residual = tf.math.divide_no_nan(tf.reduce_sum(centered, axes, keepdims=True), count)
     square = tf.math.divide_no_nan(
@@ -320,12 +340,6 @@ def _as_vector(value, name, channels, dtype):
     return tf.cast(value, dtype)
 
 
-def _staged_sum(x, axes):
-    if len(axes) > 1:
-        x = tf.reduce_sum(x, axes[1:], keepdims=True)
-    return tf.reduce_sum(x, axes[:1], keepdims=True)
-
-
 def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
                    virtual_batch_size=None, mask=None, correction=None):
     """Training-mode batch norm from TF ops, with a lean custom gradient.
@@ -381,7 +395,7 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
         return tf.fill(tf.shape(mean), count), mean, variance
 
     def broadcast(v):
-        return v if v.shape.rank == rank else _per_channel(v, rank, axis)
+        return v if v.shape.rank == rank else per_channel(v, rank, axis)
 
     @tf.custom_gradient
     def forward(x, *params):
@@ -414,8 +428,8 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
         def backward(dy, *_):
             dy = view(tf.cast(dy, stat_dtype))
             centered = xs - mean
-            sum_dy = _staged_sum(dy, axes)
-            sum_dy_centered = _staged_sum(dy * centered, axes)
+            sum_dy = _staged(tf.reduce_sum, dy, axes)
+            sum_dy_centered = _staged(tf.reduce_sum, dy * centered, axes)
             # gamma and beta get this replica's share (the optimizer sums
             # replicas); x sees every replica's outputs through the stats.
             grads = []
@@ -471,7 +485,7 @@ def normalize_inference(x, mean, variance, gamma, beta, *, epsilon, axis,
     rank = x.shape.rank
     a, b = scale_and_offset(mean, variance, gamma, beta, epsilon)
     xs = tf.cast(x, statistics_dtype(x.dtype))
-    y = xs * _per_channel(a, rank, axis) + _per_channel(b, rank, axis)
+    y = xs * per_channel(a, rank, axis) + per_channel(b, rank, axis)
     return tf.cast(y, x.dtype)
 
 
