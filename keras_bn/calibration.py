@@ -73,15 +73,6 @@ def _batch_norm_layers(model):
                 f"batch first); received {model.name!r}, whose layer "
                 f"{layer.name!r} has no weights yet."
             )
-        # Keras's renorm layer derives its moving variance from a moving
-        # stddev; ours keeps plain averages of batch statistics.
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.renorm:
-            raise ValueError(
-                "recalibrate: argument `model` must not contain batch "
-                "renormalization layers, whose moving statistics are not "
-                f"batch averages; received layer {layer.name!r} with "
-                "renorm=True."
-            )
     update = [layer for layer in layers if layer.trainable]
     frozen = [layer for layer in layers if not layer.trainable]
     if not update:
@@ -336,6 +327,11 @@ def recalibrate(model, data, steps=None, verbose=1):
         layer.moving_variance.assign(
             variance.astype(layer.moving_variance.dtype)
         )
+        # Renorm layers (ours and Keras's) infer with the moving stddev and
+        # derive the variance from it: both must say the same.
+        if getattr(layer, "renorm", False):
+            layer.moving_stddev.assign(
+                np.sqrt(variance + layer.epsilon).astype(layer.moving_stddev.dtype))
     progbar.update(batches, finalize=True)
     return RecalibrationReport(
         layers=tuple(layer.name for layer in layers),

@@ -10,8 +10,13 @@ of torch tensors. The conventions that differ:
   both normalize with the biased one in training, so only the stored
   statistics differ. `from_torch` turns the unbiased option on, so that
   training goes on exactly as it would have in PyTorch;
-- momentum None (a cumulative average) is `BatchNorm(momentum=None)`, and
-  `num_batches_tracked` its step count, carried both ways.
+- momentum None (a cumulative average) is `BatchNorm(momentum=None)`;
+  `num_batches_tracked` is carried both ways for every momentum (the layer
+  keeps it with `track_num_batches=True`);
+- `track_running_stats=False` (batch statistics in training and in eval
+  mode, nothing stored) is `BatchNorm(track_running_stats=False)`;
+- a weight without a bias (or a bias without a weight) is `scale` without
+  `center` (or the reverse).
 """
 
 import collections.abc
@@ -67,6 +72,8 @@ def _split_prefix(state_dict):
 def _module_settings(module, layer_kwargs):
     """BatchNorm's momentum and epsilon from a torch module's, unless given."""
     settings = {}
+    if not getattr(module, "track_running_stats", True):
+        settings["track_running_stats"] = False
     if "momentum" not in layer_kwargs:
         torch_momentum = getattr(module, "momentum", 0.1)
         settings["momentum"] = (
@@ -103,14 +110,15 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
             of keeping the running variance.
 
     Returns:
-        A built `BatchNorm`, with `center` and `scale` False for an
-        `affine=False` module, and `num_batches_tracked` in its weight of
-        that name when momentum is None.
+        A built `BatchNorm`: `scale` where there is a weight, `center` where
+        there is a bias; `num_batches_tracked` in its weight of that name
+        whenever the state dict has one (`track_num_batches=True`); and
+        `track_running_stats=False`, with no moving statistics, for a module
+        built so (or a state dict with neither running statistic).
 
     Raises:
-        ValueError: for a module without running statistics
-            (`track_running_stats=False`), or entries that are missing,
-            unexpected or of different lengths.
+        ValueError: for entries that are unexpected, of different lengths,
+            or only one of the two running statistics.
     """
     settings = {}
     if hasattr(state_dict_or_module, "state_dict") and not isinstance(
@@ -127,26 +135,23 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
             f"{type(state_dict_or_module).__name__}."
         )
     prefix, entries = _split_prefix(state_dict)
-    if "running_mean" not in entries or "running_var" not in entries:
-        raise ValueError(
-            "from_torch: argument `state_dict_or_module` must have "
-            f"{prefix}running_mean and {prefix}running_var; received "
-            f"{', '.join(prefix + k for k in entries) or 'no entries'}. A "
-            "module built with track_running_stats=False normalizes with "
-            "batch statistics even in eval mode, which BatchNorm does not do."
-        )
-    if ("weight" in entries) != ("bias" in entries):
-        present, absent = (
-            ("weight", "bias") if "weight" in entries else ("bias", "weight")
-        )
+    running = [k for k in ("running_mean", "running_var") if k in entries]
+    if len(running) == 1:
         raise ValueError(
             "from_torch: argument `state_dict_or_module` must have both "
-            f"{prefix}weight and {prefix}bias or neither (affine=False); "
-            f"received {prefix}{present} without {prefix}{absent}."
+            f"{prefix}running_mean and {prefix}running_var, or neither "
+            f"(track_running_stats=False); received {prefix}{running[0]} "
+            "alone."
         )
-    affine = "weight" in entries
-    names = ("weight", "bias") if affine else ()
-    names += ("running_mean", "running_var")
+    tracking = bool(running) and settings.get("track_running_stats", True)
+    names = tuple(k for k in ("weight", "bias") if k in entries)
+    names += ("running_mean", "running_var") if tracking else ()
+    if not names:
+        raise ValueError(
+            "from_torch: argument `state_dict_or_module` must hold a "
+            "batch-norm layer's entries (weight, bias, running_mean, "
+            f"running_var); received {', '.join(prefix + k for k in entries) or 'no entries'}."
+        )
     arrays = [_to_numpy(entries[name]) for name in names]
     channels = arrays[-1].shape
     for name, array in zip(names, arrays):
@@ -154,7 +159,7 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
             raise ValueError(
                 "from_torch: argument `state_dict_or_module` must have "
                 f"entries of one shape (C,); received {prefix}{name} of "
-                f"shape {array.shape} and {prefix}running_var of shape "
+                f"shape {array.shape} and {prefix}{names[-1]} of shape "
                 f"{channels}."
             )
     if "num_batches_tracked" in entries:
@@ -167,8 +172,10 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
             )
     layer_kwargs = {**settings, **layer_kwargs}
     layer_kwargs.setdefault("unbiased_moving_variance", True)
-    layer_kwargs.setdefault("center", affine)
-    layer_kwargs.setdefault("scale", affine)
+    layer_kwargs.setdefault("center", "bias" in entries)
+    layer_kwargs.setdefault("scale", "weight" in entries)
+    layer_kwargs.setdefault("track_running_stats", tracking)
+    layer_kwargs.setdefault("track_num_batches", "num_batches_tracked" in entries)
     layer = BatchNorm(axis=axis, **layer_kwargs)
     # Any rank with `axis` in range: only the channel count is kept.
     rank = max(2, axis + 1 if axis >= 0 else -axis)
@@ -181,8 +188,9 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
         weights.append(values.get("weight", np.ones(channels)))
     if layer.center:
         weights.append(values.get("bias", np.zeros(channels)))
-    weights += [values["running_mean"], values["running_var"]]
-    if layer.momentum is None:
+    if layer.track_running_stats:
+        weights += [values["running_mean"], values["running_var"]]
+    if hasattr(layer, "num_batches_tracked"):
         tracked = entries.get("num_batches_tracked", 0)
         weights.append(np.asarray(_to_numpy(tracked)).reshape(()))
     layer.set_weights(
@@ -208,14 +216,17 @@ def to_torch_state_dict(layer, num_batches_tracked=None, as_numpy=False):
         layer: A built `keras_bn.BatchNorm` or
             `keras.layers.BatchNormalization`.
         num_batches_tracked: The step count to write. None (the default)
-            takes the layer's own count when it has one (momentum=None),
-            else 0; PyTorch uses it only when momentum is None.
+            takes the layer's own count when it has one (momentum=None or
+            track_num_batches=True, as `from_torch` layers have), else 0;
+            PyTorch uses it only when momentum is None.
         as_numpy: If True, NumPy arrays (and no torch import); else torch
             tensors, which `load_state_dict` requires.
 
     Returns:
         A dict with the keys `weight`, `bias` (unless affine=False),
-        `running_mean`, `running_var` and `num_batches_tracked`.
+        `running_mean`, `running_var` and `num_batches_tracked`; only the
+        first two for a layer with `track_running_stats=False`, for a
+        module built with that option.
     """
     if not isinstance(layer, (BatchNorm, keras.layers.BatchNormalization)):
         raise TypeError(
@@ -223,23 +234,28 @@ def to_torch_state_dict(layer, num_batches_tracked=None, as_numpy=False):
             "keras_bn.BatchNorm or keras.layers.BatchNormalization; "
             f"received {type(layer).__name__}."
         )
-    if layer.moving_mean is None:
+    if not layer.built:
         raise ValueError(
             "to_torch_state_dict: argument `layer` must be built; received "
             f"{layer.name!r}, which has no weights yet."
         )
     state = {}
-    mean = layer.moving_mean.numpy()
     if layer.scale or layer.center:
-        ones = np.ones_like(mean)
+        ones = np.ones(layer.weights[0].shape, np.float32)  # gamma or beta: (C,)
         state["weight"] = layer.gamma.numpy() if layer.scale else ones
         state["bias"] = layer.beta.numpy() if layer.center else 0.0 * ones
-    state["running_mean"] = mean
+    if not getattr(layer, "track_running_stats", True):
+        return _as_torch(state, as_numpy)
+    state["running_mean"] = layer.moving_mean.numpy()
     state["running_var"] = layer.moving_variance.numpy()
     if num_batches_tracked is None:
         counter = getattr(layer, "num_batches_tracked", None)
         num_batches_tracked = 0 if counter is None else counter.numpy()
     state["num_batches_tracked"] = np.array(num_batches_tracked, np.int64)
+    return _as_torch(state, as_numpy)
+
+
+def _as_torch(state, as_numpy):
     if as_numpy:
         return state
     try:

@@ -12,6 +12,8 @@ import tensorflow as tf
 from keras_bn import ops
 
 _CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
+               "renorm_stddev", "num_batches_tracked", "renorm_steps")
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -75,8 +77,11 @@ class BatchNorm(keras.layers.Layer):
             the kernel for channels-last inputs (any layout on a GPU) outside
             XLA; TF ops for float64 inputs, channels-first inputs on a CPU
             and inside `jit_compile=True` functions, where XLA fuses them.
-            True requires the kernel and raises if it can't serve; False
-            always uses TF ops. The function computed is the same.
+            True requires the kernel: it can't be combined with `renorm`,
+            `virtual_batch_size` or `synchronized=True` (a ValueError here)
+            or a training-mode `mask` (a ValueError at the call), and it
+            raises at the call for a float64 input. False always uses TF
+            ops. The function computed is the same.
         synchronized: If True, in a multi-replica `tf.distribute` step
             (`MirroredStrategy`, `MultiWorkerMirroredStrategy`) normalize
             with the statistics of the global batch, merged from every
@@ -92,14 +97,21 @@ class BatchNorm(keras.layers.Layer):
             / std_renorm`, both treated as constants by the gradient and
             clipped by `renorm_clipping`, where `mean_renorm`/`std_renorm`
             are extra moving averages (weights `renorm_mean`,
-            `renorm_stddev`) kept with `renorm_momentum`. Inference is plain
-            batch norm with `moving_mean`/`moving_variance`.
+            `renorm_stddev`) kept with `renorm_momentum`. As in the paper
+            and Keras 3, inference normalizes by a moving average of the
+            batch stddev (weight `moving_stddev`, with `momentum`);
+            `moving_variance` is kept equal to `moving_stddev**2 -
+            epsilon`, so inference is plain batch norm with
+            `moving_mean`/`moving_variance`. The weights are Keras's, in
+            Keras's order, so `get_weights()`/`set_weights()` carry over
+            between the two layers with renorm too.
         renorm_clipping: Dict with optional keys "rmax", "rmin", "dmax"
             (r in [rmin, rmax], d in [-dmax, dmax]; a missing key means no
             bound). Each value is a number, a Keras
             `LearningRateSchedule` or a callable of the training step (the
             `renorm_steps` weight), for the warm-up the paper recommends
-            (r and d start at 1 and 0 and widen).
+            (r and d start at 1 and 0 and widen); only then does the layer
+            keep a `renorm_steps` weight, after Keras's seven.
         renorm_momentum: Momentum of `renorm_mean`/`renorm_stddev`.
         virtual_batch_size: If set, Ghost Batch Normalization: in training
             the batch axis (0) is split into consecutive sub-batches of this
@@ -115,8 +127,19 @@ class BatchNorm(keras.layers.Layer):
             statistics are not finite (NaN/Inf in the batch) or that has no
             values (an empty or fully masked batch) leaves every moving
             statistic exactly as it was; the output is whatever the math
-            gives. `skipped_updates` counts such batches. A batch with one
+            gives. `skipped_updates` counts such batches (a monitoring
+            counter, not a weight: it is not saved). A batch with one
             value per channel is allowed: its variance is 0.
+        track_running_stats: If False, there are no moving statistics:
+            the layer normalizes with the batch's statistics in training and
+            in inference alike, as PyTorch's `track_running_stats=False`
+            (used by test-time adaptation). Its weights are then only
+            `gamma` and `beta`.
+        track_num_batches: If True, a non-trainable int64 weight
+            `num_batches_tracked` counts the training batches the moving
+            statistics followed, as PyTorch's buffer of that name does
+            (`from_torch` sets it when the state dict has one). Always kept
+            with `momentum=None`, whose average it drives.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -125,11 +148,12 @@ class BatchNorm(keras.layers.Layer):
         training: Python bool, or a scalar bool tensor inside `tf.function`
             (both branches are traced once). None (the default outside
             `fit()`) means inference.
-        mask: Optional bool tensor shaped like `inputs` without the channel
-            axis (e.g. `inputs.shape[:-1]`, as `Embedding(mask_zero=True)`
-            gives for padded sequences): False positions are left out of the
-            batch statistics. Every position is normalized. Passed on to the
-            next layer unchanged.
+        mask: Optional bool tensor, with Keras's conventions: broadcastable
+            to `inputs`, or of rank one less, lacking the last axis (as
+            `Masking` and `Embedding(mask_zero=True)` give it, whatever
+            `axis` is). In training, False positions are left out of the
+            batch statistics; every position is normalized. Inference
+            ignores it. Passed on to the next layer unchanged.
 
     Reference:
         - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
@@ -161,6 +185,8 @@ class BatchNorm(keras.layers.Layer):
         virtual_batch_size=None,
         unbiased_moving_variance=False,
         guard_bad_batches=True,
+        track_running_stats=True,
+        track_num_batches=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -206,6 +232,21 @@ class BatchNorm(keras.layers.Layer):
             )
         self.unbiased_moving_variance = bool(unbiased_moving_variance)
         self.guard_bad_batches = bool(guard_bad_batches)
+        self.track_running_stats = bool(track_running_stats)
+        self.track_num_batches = bool(track_num_batches)
+        if self.fused:
+            # The kernel computes plain per-replica statistics only: say so
+            # now, not at the first training step.
+            for name, value in (("renorm", self.renorm),
+                                ("virtual_batch_size", self.virtual_batch_size),
+                                ("synchronized", self.synchronized)):
+                if value not in (None, False):
+                    raise ValueError(
+                        f"{owner}: argument `{name}` needs the TF-ops path, "
+                        f"but fused=True requires TensorFlow's fused kernel; "
+                        f"received {name}={value!r} with fused=True. Pass "
+                        "fused=None (the default) or False."
+                    )
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -262,27 +303,66 @@ class BatchNorm(keras.layers.Layer):
                 trainable=True,
                 autocast=False,
             )
-        self.moving_mean = self._statistic(
-            "moving_mean", self.moving_mean_initializer, shape)
-        self.moving_variance = self._statistic(
-            "moving_variance", self.moving_variance_initializer, shape)
-        if self.momentum is None:
-            self.num_batches_tracked = self._statistic(
-                "num_batches_tracked", "zeros", (), "int64")
+        self._channels = shape[0]
+        if self.track_running_stats:
+            self.moving_mean = self._statistic(
+                "moving_mean", self.moving_mean_initializer, shape)
+            self.moving_variance = self._statistic(
+                "moving_variance", self.moving_variance_initializer, shape)
         if self.renorm:
+            # Keras's renorm weights, in Keras's order (Ioffe, 2017): the
+            # moving stddev is what inference follows, the moving variance
+            # is derived from it; renorm_mean/renorm_stddev give r and d.
+            self.moving_stddev = self._statistic(
+                "moving_stddev", _sqrt_of(self.moving_variance_initializer),
+                shape)
             self.renorm_mean = self._statistic(
                 "renorm_mean", self.moving_mean_initializer, shape)
             self.renorm_stddev = self._statistic(
                 "renorm_stddev", _sqrt_of(self.moving_variance_initializer),
                 shape)
+        if self._counts_batches:
+            self.num_batches_tracked = self._statistic(
+                "num_batches_tracked", "zeros", (), "int64")
+        if any(callable(v) for v in self.renorm_clipping.values()):
+            # Only a bound that changes with the step needs the step.
             self.renorm_steps = self._statistic(
                 "renorm_steps", "zeros", (), "int64")
-        # Monitoring only, so not a Keras weight (which would break the
-        # 4-weight get_weights()/set_weights() interchange with Keras).
-        with tf.init_scope():  # build may run inside a tf.function trace
-            self._skipped_updates = tf.Variable(
-                0, dtype=tf.int64, trainable=False, name="skipped_updates",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # Monitoring only, so not a Keras weight: it would break the
+        # 4-weight get_weights()/set_weights() interchange with Keras. A
+        # Keras variable (not a raw tf.Variable, which makes a tf.function
+        # that builds the layer retrace and fail), kept out of Keras's and
+        # TF's tracking by setting it past their __setattr__.
+        # A callable initializer, so that Keras defers it in a symbolic pass.
+        object.__setattr__(self, "_skipped_updates", keras.Variable(
+            keras.initializers.Zeros(), shape=(), dtype="int64",
+            trainable=False, name="skipped_updates",
+            aggregation="only_first_replica"))
+
+    @property
+    def _counts_batches(self):
+        return self.track_running_stats and (
+            self.momentum is None or self.track_num_batches)
+
+    def reset_running_stats(self):
+        """Sets every moving statistic back to its initial value, as
+        PyTorch's `reset_running_stats()` does: the moving mean and
+        variance (and renorm's statistics) from their initializers,
+        `num_batches_tracked` to 0. Trainable weights are not touched."""
+        for name in _STATISTICS:
+            variable = getattr(self, name, None)
+            if variable is None:
+                continue
+            if name in ("num_batches_tracked", "renorm_steps"):
+                value = tf.zeros((), variable.dtype)
+            elif name in ("moving_mean", "renorm_mean"):
+                value = self.moving_mean_initializer(variable.shape, variable.dtype)
+            elif name == "moving_variance":
+                value = self.moving_variance_initializer(variable.shape, variable.dtype)
+            else:  # moving_stddev, renorm_stddev
+                value = _sqrt_of(self.moving_variance_initializer)(
+                    variable.shape, variable.dtype)
+            variable.assign(value)
 
     def set_weights(self, weights):
         """As Keras's, but every shape is checked before anything changes:
@@ -319,7 +399,7 @@ class BatchNorm(keras.layers.Layer):
         inputs = tf.convert_to_tensor(inputs)
         rank = inputs.shape.rank
         axis = ops.channel_axis(rank, self.axis, self._owner)
-        expected = self.moving_mean.shape[0]
+        expected = self._channels
         received = inputs.shape[axis]
         message = (
             f"{self._owner} was built for {expected} channels on axis "
@@ -345,16 +425,36 @@ class BatchNorm(keras.layers.Layer):
             inputs = tf.cast(inputs, self.compute_dtype)
         return inputs, axis
 
-    def _check_mask(self, mask, inputs, axis):
+    def _check_mask(self, mask, inputs, training):
+        """The mask as a bool tensor of the input's rank, or None.
+
+        Keras's conventions: a mask of the input's rank minus one lacks the
+        last axis (as `Masking` and `Embedding(mask_zero=True)` give it) and
+        gets it back with size 1; either way it must broadcast to the input.
+        """
         if mask is None:
             return None
         mask = tf.convert_to_tensor(mask)
-        expected = inputs.shape[:axis] + inputs.shape[axis + 1:]
-        if not mask.shape.is_compatible_with(expected):
+        received = tuple(mask.shape)
+        rank = inputs.shape.rank
+        if mask.shape.rank == rank - 1:
+            mask = tf.expand_dims(mask, -1)
+        if mask.shape.rank != rank or not all(
+                m in (1, None) or d is None or m == d
+                for m, d in zip(mask.shape, inputs.shape)):
             raise ValueError(
-                f"{self._owner}: argument `mask` must have the input's shape "
-                f"without the channel axis, {tuple(expected)}; received "
-                f"shape {tuple(mask.shape)}."
+                f"{self._owner}: argument `mask` must broadcast to the input's "
+                f"shape {tuple(inputs.shape)}, or do so once given a last axis "
+                f"of size 1 (Keras's masks lack the last axis); received shape "
+                f"{received}."
+            )
+        if training is False:
+            return None  # inference ignores the mask, as in Keras's layer
+        if self.fused:
+            raise ValueError(
+                f"{self._owner}: a `mask` needs the TF-ops path, but "
+                "fused=True requires TensorFlow's fused kernel; received a "
+                "mask with fused=True."
             )
         if self.virtual_batch_size is not None:
             raise ValueError(
@@ -396,44 +496,45 @@ class BatchNorm(keras.layers.Layer):
             virtual_batch_size=self.virtual_batch_size, mask=mask,
             correction=self._renorm_correction(stat_dtype) if self.renorm else None,
         )
-        # Updates after the output: nothing they overwrite is read late.
-        with tf.control_dependencies([y]):
-            self._update_statistics(stats)
+        if self.track_running_stats:
+            # Updates after the output: nothing they overwrite is read late.
+            with tf.control_dependencies([y]):
+                self._update_statistics(stats)
         return y
 
     def _update_statistics(self, stats):
-        mean, variance = stats.mean, stats.variance
-        if self.unbiased_moving_variance:
-            variance = ops.unbiased_variance(variance, stats.count)
-        usable = ops.is_usable(ops.BatchStats(stats.count, mean, variance))
-        keep = tf.logical_not(usable) if self.guard_bad_batches else tf.constant(False)
+        momentum = self.momentum
+        if momentum is None:
+            momentum = ops.cumulative_momentum(self.num_batches_tracked, stats.mean.dtype)
+        mean, variance, accepted = ops.moving_target(
+            stats, unbiased=self.unbiased_moving_variance,
+            guard=self.guard_bad_batches)
 
-        def assign(variable, value):
-            # tf.where, not tf.cond: a refused batch leaves the exact bits.
-            value = tf.cast(value, variable.dtype)
-            variable.assign(tf.where(keep, tf.convert_to_tensor(variable), value))
+        def update(variable, value, momentum=momentum):
+            old = tf.cast(variable, value.dtype)
+            new = ops.update_moving(old, value, momentum)
+            variable.assign(tf.cast(ops.kept_unless(accepted, old, new), variable.dtype))
+            return new
 
-        old_mean = tf.cast(self.moving_mean, mean.dtype)
-        old_variance = tf.cast(self.moving_variance, mean.dtype)
-        if self.momentum is None:
-            seen = self.num_batches_tracked
-            assign(self.moving_mean, ops.cumulative_average(old_mean, mean, seen))
-            assign(self.moving_variance,
-                   ops.cumulative_average(old_variance, variance, seen))
-            self.num_batches_tracked.assign_add(tf.cast(tf.logical_not(keep), tf.int64))
-        else:
-            assign(self.moving_mean, ops.update_moving(old_mean, mean, self.momentum))
-            assign(self.moving_variance,
-                   ops.update_moving(old_variance, variance, self.momentum))
+        update(self.moving_mean, mean)
         if self.renorm:
-            stddev = tf.sqrt(stats.variance + self.epsilon)
-            assign(self.renorm_mean, ops.update_moving(
-                tf.cast(self.renorm_mean, mean.dtype), mean, self.renorm_momentum))
-            assign(self.renorm_stddev, ops.update_moving(
-                tf.cast(self.renorm_stddev, mean.dtype), stddev, self.renorm_momentum))
+            # Inference follows a moving stddev, as the paper and Keras do;
+            # the moving variance is derived from it (never negative).
+            stddev = update(self.moving_stddev, tf.sqrt(variance + self.epsilon))
+            derived = tf.nn.relu(tf.square(stddev) - self.epsilon)
+            self.moving_variance.assign(tf.cast(ops.kept_unless(
+                accepted, tf.cast(self.moving_variance, derived.dtype), derived),
+                self.moving_variance.dtype))
+            update(self.renorm_mean, stats.mean, self.renorm_momentum)
+            update(self.renorm_stddev, tf.sqrt(stats.variance + self.epsilon),
+                   self.renorm_momentum)
+        else:
+            update(self.moving_variance, variance)
+        if self._counts_batches:
+            self.num_batches_tracked.assign_add(tf.cast(accepted, tf.int64))
+        if hasattr(self, "renorm_steps"):
             self.renorm_steps.assign_add(1)
-        if self.guard_bad_batches:
-            self._skipped_updates.assign_add(tf.cast(keep, tf.int64))
+        self._skipped_updates.assign_add(tf.cast(tf.logical_not(accepted), tf.int64))
 
     def _renorm_correction(self, dtype):
         """Batch renormalization's `f(mean, variance, broadcast) -> (r, d)`.
@@ -447,7 +548,7 @@ class BatchNorm(keras.layers.Layer):
         renorm_stddev = tf.maximum(
             tf.cast(self.renorm_stddev, dtype), tf.sqrt(tf.constant(self.epsilon, dtype)))
         renorm_mean = tf.cast(self.renorm_mean, dtype)
-        step = tf.cast(self.renorm_steps, tf.float32)
+        step = tf.cast(getattr(self, "renorm_steps", 0), tf.float32)
         # A numeric bound goes straight to the statistics dtype; a float32
         # round trip would move 1.2 by 5e-8 in float64.
         bounds = {k: tf.cast(v(step), dtype) if callable(v) else tf.constant(v, dtype)
@@ -468,6 +569,13 @@ class BatchNorm(keras.layers.Layer):
         return correction
 
     def _infer(self, inputs, axis):
+        if not self.track_running_stats:
+            # PyTorch's track_running_stats=False: batch statistics always.
+            stat_dtype = ops.statistics_dtype(inputs.dtype)
+            gamma, beta = self._vectors(stat_dtype)
+            return ops.normalize_batch(
+                inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
+                fused=self.fused, synchronized=self.synchronized)[0]
         stat_dtype = ops.statistics_dtype(inputs.dtype)
         gamma, beta = self._vectors(stat_dtype)
         return ops.normalize_inference(
@@ -477,10 +585,10 @@ class BatchNorm(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         inputs, axis = self._check_inputs(inputs)
-        mask = self._check_mask(mask, inputs, axis)
         training = ops.check_training(training, self._owner)
         if not self.trainable:
             training = False
+        mask = self._check_mask(mask, inputs, training)
         if isinstance(training, bool):
             if training:
                 return self._train(inputs, axis, mask)
@@ -538,6 +646,8 @@ class BatchNorm(keras.layers.Layer):
                 "virtual_batch_size": self.virtual_batch_size,
                 "unbiased_moving_variance": self.unbiased_moving_variance,
                 "guard_bad_batches": self.guard_bad_batches,
+                "track_running_stats": self.track_running_stats,
+                "track_num_batches": self.track_num_batches,
             }
         )
         return config

@@ -229,9 +229,7 @@ def _weighted_moments(x, axes, weights):
     guard then refuses for the moving statistics.
     """
     total = tf.reduce_sum(weights * x, axes, keepdims=True)
-    # The weights lack the channel axis (size 1 there): count them, then
-    # give the count the statistics' shape.
-    count = tf.broadcast_to(tf.reduce_sum(weights, axes, keepdims=True), tf.shape(total))
+    count = tf.reduce_sum(weights, axes, keepdims=True)
     mean = tf.math.divide_no_nan(total, count)
     centered = (x - mean) * weights
     residual = tf.math.divide_no_nan(tf.reduce_sum(centered, axes, keepdims=True), count)
@@ -292,14 +290,20 @@ def _replica_moments(ctx, count, mean, variance, merge):
 
 
 def update_moving(moving, batch_value, momentum):
-    """The exponential moving average: momentum * moving + (1 - momentum) * batch."""
+    """The exponential moving average: momentum * moving + (1 - momentum) * batch.
+
+    `momentum` may be a tensor: `cumulative_momentum` turns the same rule
+    into a plain mean of every batch value.
+    """
     return momentum * moving + (1.0 - momentum) * batch_value
 
 
-def cumulative_average(moving, batch_value, batches_seen):
-    """The mean of all batch values so far, after `batches_seen` earlier ones
-    (PyTorch's momentum=None): moving + (batch - moving) / (seen + 1)."""
-    return moving + (batch_value - moving) / (tf.cast(batches_seen, moving.dtype) + 1.0)
+def cumulative_momentum(batches_seen, dtype):
+    """The momentum n / (n + 1) after n earlier batches, with which the
+    moving average is the mean of all batch values so far (PyTorch's
+    momentum=None): moving + (batch - moving) / (n + 1)."""
+    seen = tf.cast(batches_seen, dtype)
+    return seen / (seen + 1.0)
 
 
 def unbiased_variance(variance, count):
@@ -316,6 +320,30 @@ def is_usable(stats):
         & tf.reduce_all(tf.math.is_finite(stats.variance)),
         tf.reduce_all(stats.count > 0),
     )
+
+
+def moving_target(stats, *, unbiased=False, guard=True):
+    """What the moving statistics follow for this batch, and whether they may.
+
+    Returns:
+        (mean, variance, accepted): the batch mean and the biased variance,
+        or the unbiased one; `accepted` is a scalar bool, False for a batch
+        the bad-batch guard refuses (non-finite statistics, no values, or
+        an unbiased variance of one value), always True without the guard.
+    """
+    variance = unbiased_variance(stats.variance, stats.count) if unbiased else stats.variance
+    if not guard:
+        return stats.mean, variance, tf.constant(True)
+    return stats.mean, variance, is_usable(BatchStats(stats.count, stats.mean, variance))
+
+
+def kept_unless(accepted, old, new):
+    """`new` where the batch is accepted, else `old` to the bit.
+
+    tf.where rather than tf.cond: one trace, and the refused value is the
+    old tensor itself, not a recomputation of it.
+    """
+    return tf.where(accepted, new, old)
 
 
 def _as_vector(value, name, channels, dtype):
@@ -340,6 +368,21 @@ def _as_vector(value, name, channels, dtype):
     return tf.cast(value, dtype)
 
 
+def _attached(value, x, vjp):
+    """`value`, as a function of `x` whose derivative is `vjp`.
+
+    The backward pass below is built from the batch statistics of the
+    forward pass. Written as constants, an outer tape would see them as
+    independent of x and get every second derivative wrong (Hessian-vector
+    products, gradient penalties); attached this way it differentiates
+    through them exactly, at no cost to a first-order step.
+    """
+    @tf.custom_gradient
+    def attach(x):
+        return tf.identity(value), vjp
+    return attach(x)
+
+
 def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
                    virtual_batch_size=None, mask=None, correction=None):
     """Training-mode batch norm from TF ops, with a lean custom gradient.
@@ -347,15 +390,17 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     The backward pass keeps only x, the mean and the inverse std (not the
     normalized tensor) and needs two per-channel sums, sum(dy) and
     sum(dy * (x - mean)), reduced side by side so that XLA fuses them into
-    one pass over dy and x.
+    one pass over dy and x. Gradients of any order are exact: the backward
+    pass reads the statistics through `_attached`, which gives an outer tape
+    their derivatives with respect to x.
 
     Args:
         replica_ctx: statistics of the global batch across replicas (one
             all-reduce forward, one backward, each of a few (C,) vectors).
         virtual_batch_size: statistics per consecutive sub-batch of this
             many examples along axis 0 (ghost batch normalization).
-        mask: bool tensor, x's shape without the channel axis: positions
-            that count in the statistics (all positions are normalized).
+        mask: bool tensor broadcastable to x: positions that count in the
+            statistics (all positions are normalized).
         correction: `f(mean, variance, broadcast) -> (r, d)` giving batch
             renormalization's factors (constants for the gradient):
             y = gamma * (x_hat * r + d) + beta. `mean` and `variance` keep
@@ -369,12 +414,13 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     """
     stat_dtype = statistics_dtype(x.dtype)
     has_gamma, has_beta = gamma is not None, beta is not None
-    params = [p for p in (gamma, beta) if p is not None]
     rank = x.shape.rank
     x_shape = tf.shape(x)
     weights = None
     if mask is not None:
-        weights = tf.expand_dims(tf.cast(mask, stat_dtype), axis)
+        # Broadcast in full: a mask of size 1 along a reduced axis still
+        # counts every position there.
+        weights = tf.broadcast_to(tf.cast(mask, stat_dtype), x_shape)
     if virtual_batch_size is not None:
         # [N, ...] -> [G, v, ...]: sub-batch g holds examples g*v .. g*v+v-1.
         ghost_shape = tf.concat([[-1, virtual_batch_size], x_shape[1:]], 0)
@@ -386,16 +432,25 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
         view = lambda t: t  # noqa: E731
         kept = {axis}
     axes = [i for i in range(rank) if i not in kept]
+    w = None if weights is None else view(weights)
 
     def stats_of(xs):
-        if weights is not None:
-            return _weighted_moments(xs, axes, view(weights))
+        if w is not None:
+            return _weighted_moments(xs, axes, w)
         mean, variance = _staged_moments(xs, axes)
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(xs), axes)), stat_dtype)
         return tf.fill(tf.shape(mean), count), mean, variance
 
     def broadcast(v):
         return v if v.shape.rank == rank else per_channel(v, rank, axis)
+
+    def total(t):
+        """A per-channel cotangent summed over replicas: every replica's
+        loss depends on this replica's x through the global statistics."""
+        return t if replica_ctx is None else distributed.all_sum(replica_ctx, t)
+
+    def masked(t):
+        return t if w is None else t * w
 
     @tf.custom_gradient
     def forward(x, *params):
@@ -409,16 +464,44 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
             count, mean, variance = (tf.reshape(t, shape) for t in (count, mean, variance))
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
         inv = tf.math.rsqrt(variance + tf.constant(epsilon, stat_dtype))
-        g = broadcast(params[0]) if has_gamma else None
-        b = broadcast(params[-1]) if has_beta else None
+        n = tf.maximum(count, 1.0)
         r = d = None
         if correction is not None:
             r, d = (tf.stop_gradient(t) for t in correction(mean, variance, broadcast))
-        scale = inv if r is None else inv * r
-        scale = scale if g is None else scale * g
-        offset = None if d is None else (d if g is None else d * g)
-        if b is not None:
-            offset = b if offset is None else offset + b
+
+        # The statistics as functions of x, for the backward pass (see
+        # `_attached`); each derivative reads the others the same way, so
+        # every order is exact.
+        def xs_of(x):
+            return _attached(xs, x, lambda g: tf.cast(tf.reshape(g, x_shape), x.dtype))
+
+        def mean_of(x):
+            # d mean / dx = w / n, spread over every position that counts.
+            return _attached(mean, x, lambda g: to_x(
+                masked(tf.broadcast_to(total(g) / n, tf.shape(xs)))))
+
+        def inv_of(x):
+            def vjp(g):
+                # d inv = -inv^3 / 2 * d var, d var / dx = 2 w (x - mean) / n
+                inv_x = inv_of(x)
+                return to_x(masked(-total(g) * inv_x * inv_x * inv_x / n
+                                   * (xs_of(x) - mean_of(x))))
+            return _attached(inv, x, vjp)
+
+        def to_x(t):
+            return tf.cast(tf.reshape(t, x_shape), x.dtype)
+
+        def affine(inv, params):
+            g = broadcast(params[0]) if has_gamma else None
+            b = broadcast(params[-1]) if has_beta else None
+            scale = inv if r is None else inv * r
+            scale = scale if g is None else scale * g
+            offset = None if d is None else (d if g is None else d * g)
+            if b is not None:
+                offset = b if offset is None else offset + b
+            return scale, offset
+
+        scale, offset = affine(inv, params)
         # With batch statistics the input is centred first: x * a + b would
         # cancel two large terms when |mean| >> std and lose digits.
         y = (xs - mean) * scale
@@ -427,16 +510,21 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
 
         def backward(dy, *_):
             dy = view(tf.cast(dy, stat_dtype))
-            centered = xs - mean
+            inv_x = inv_of(x)
+            centered = xs_of(x) - mean_of(x)
+            scale, _ = affine(inv_x, params)
             sum_dy = _staged(tf.reduce_sum, dy, axes)
             sum_dy_centered = _staged(tf.reduce_sum, dy * centered, axes)
             # gamma and beta get this replica's share (the optimizer sums
             # replicas); x sees every replica's outputs through the stats.
             grads = []
             if has_gamma:
-                grad_gamma = sum_dy_centered * inv
-                if r is not None:
-                    grad_gamma = grad_gamma * r + sum_dy * d
+                # multiply_no_nan: an empty batch has sums of 0 but a NaN
+                # inverse std, and its gradient is 0, not NaN.
+                grad_gamma = tf.math.multiply_no_nan(
+                    inv_x if r is None else inv_x * r, sum_dy_centered)
+                if d is not None:
+                    grad_gamma = grad_gamma + tf.math.multiply_no_nan(d, sum_dy)
                 grads.append(_to_vector(grad_gamma, kept, axis))
             if has_beta:
                 grads.append(_to_vector(sum_dy, kept, axis))
@@ -444,16 +532,14 @@ def _general_train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
                 sums = distributed.all_sum(
                     replica_ctx, tf.stack([sum_dy, sum_dy_centered]))
                 sum_dy, sum_dy_centered = sums[0], sums[1]
-            n = tf.maximum(count, 1.0)
-            w = 1.0 if weights is None else view(weights)
-            dx = scale * (
-                dy - w * (sum_dy / n + centered * (inv * inv) * (sum_dy_centered / n))
-            )
-            return (tf.cast(tf.reshape(dx, x_shape), x.dtype), *grads)
+            dx = scale * (dy - masked(
+                sum_dy / n + centered * (inv_x * inv_x) * (sum_dy_centered / n)))
+            return (to_x(dx), *grads)
 
         y = tf.cast(tf.reshape(y, x_shape), x.dtype)
         return (y, count, mean, variance), backward
 
+    params = [p for p in (gamma, beta) if p is not None]
     y, count, mean, variance = forward(x, *params)
     # Moving statistics follow the mean over sub-batches with ghost batches.
     count, mean, variance = (
@@ -554,6 +640,7 @@ def batch_norm(
     axis=-1,
     fused=None,
     synchronized=False,
+    guard_bad_batches=True,
 ):
     """Batch normalization as a pure function.
 
@@ -581,6 +668,12 @@ def batch_norm(
             if it can't serve: a float64 input, or training with an epsilon
             below the kernel's limit, which only cuDNN older than 7.5 has);
             False always uses TF ops. Both compute the same function.
+        synchronized: In a multi-replica `tf.distribute` step, normalize
+            with the statistics of the global batch (see `BatchNorm`).
+        guard_bad_batches: If True (default), a training batch whose
+            statistics are not finite or that has no values returns the
+            moving statistics unchanged, as `BatchNorm`'s guard keeps its
+            own; `y` is whatever the math gives.
 
     Returns:
         `(y, new_moving_mean, new_moving_var)`. `y` has the dtype of `x`; the
@@ -614,10 +707,11 @@ def batch_norm(
         y, stats = normalize_batch(
             x, gamma, beta, epsilon=epsilon, axis=axis, fused=fused,
             synchronized=synchronized)
+        mean, variance, accepted = moving_target(stats, guard=guard_bad_batches)
         return (
             y,
-            update_moving(moving_mean, stats.mean, momentum),
-            update_moving(moving_var, stats.variance, momentum),
+            kept_unless(accepted, moving_mean, update_moving(moving_mean, mean, momentum)),
+            kept_unless(accepted, moving_var, update_moving(moving_var, variance, momentum)),
         )
 
     def infer():

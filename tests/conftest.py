@@ -31,3 +31,11 @@ def both_paths(request, monkeypatch):
 
     monkeypatch.setattr(fused, "preferred", lambda x, axis: request.param == "kernel")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole run: a
+    second one would reuse the first one's collective instance keys, and
+    TensorFlow refuses a key seen before with another dtype."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -256,11 +256,6 @@ def test_errors_name_the_argument():
     assert _message(lambda: recalibrate(unbuilt, SMALL)) == (
         "recalibrate: argument `model` must be built (call it on a batch first); received "
         "'unbuilt', whose layer 'bn' has no weights yet.")
-    renorm = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization(
-        renorm=True, name="bn_renorm")])
-    assert _message(lambda: recalibrate(renorm, SMALL)) == (
-        "recalibrate: argument `model` must not contain batch renormalization layers, whose "
-        "moving statistics are not batch averages; received layer 'bn_renorm' with renorm=True.")
     model.trainable = False
     assert _message(lambda: recalibrate(model, SMALL)) == (
         f"recalibrate: argument `model` must have a trainable batch-norm layer; received "
@@ -294,8 +289,18 @@ def test_batches_refused_by_the_guard_do_not_count():
     assert bn.skipped_updates == 0  # its counter is restored too
 
 
-def test_our_renorm_layer_is_recalibrated():
-    # Its moving statistics are plain averages of batch statistics.
-    model = keras.Sequential([keras.Input((2,)), BatchNorm(renorm=True)])
+@pytest.mark.parametrize("cls", [BatchNorm, keras.layers.BatchNormalization])
+def test_renorm_layers_are_recalibrated(cls):
+    # Ours and Keras's: the population mean and variance, and the moving
+    # stddev inference divides by, sqrt(variance + epsilon), with them.
+    model = keras.Sequential([keras.Input((2,)), cls(renorm=True, epsilon=1e-3)])
+    bn = model.layers[0]
+    renorm_before = [bn.renorm_mean.numpy(), bn.renorm_stddev.numpy()]
     recalibrate(model, SMALL, verbose=0)
-    np.testing.assert_array_equal(model.layers[0].moving_mean.numpy(), [1.0, 3.0])
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [1.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), [3.0, 12.0], rtol=1e-6)
+    np.testing.assert_allclose(bn.moving_stddev.numpy(), np.sqrt([3.001, 12.001]), rtol=1e-6)
+    # The training-time renorm statistics are not population statistics:
+    # they stay as they were.
+    for before, variable in zip(renorm_before, [bn.renorm_mean, bn.renorm_stddev]):
+        np.testing.assert_array_equal(variable.numpy(), before)

@@ -22,11 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32_TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def strategy():
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
 def _per_replica(strategy, x):
     """Splits x over the replicas the way a distributed dataset would."""
     ds = tf.data.Dataset.from_tensor_slices(x).batch(len(x))

@@ -54,8 +54,14 @@ def _round_trip(layer, tmp_path, x):
 # --- batch renormalization ------------------------------------------------
 
 
-def np_renorm_step(x, params, renorm_mean, renorm_std, clip, momentum, renorm_momentum):
-    gamma, beta, moving_mean, moving_var = params
+def np_renorm_step(x, gamma, beta, state, clip, momentum, renorm_momentum):
+    """One training step of Batch Renormalization (Ioffe, 2017, Algorithm 1).
+
+    `state` is (moving_mean, moving_std, renorm_mean, renorm_std); inference
+    uses moving_mean and moving_std**2 - epsilon as the variance, so that
+    it normalizes by the moving sigma itself.
+    """
+    moving_mean, moving_std, renorm_mean, renorm_std = state
     mean, var = x.mean(0), x.var(0)
     std = np.sqrt(var + EPS)
     rs = np.maximum(renorm_std, np.sqrt(EPS))
@@ -63,7 +69,7 @@ def np_renorm_step(x, params, renorm_mean, renorm_std, clip, momentum, renorm_mo
     d = np.clip((mean - renorm_mean) / rs, -clip.get("dmax", np.inf), clip.get("dmax", np.inf))
     y = gamma * ((x - mean) / std * r + d) + beta
     new = (momentum * moving_mean + (1 - momentum) * mean,
-           momentum * moving_var + (1 - momentum) * var,
+           momentum * moving_std + (1 - momentum) * std,
            renorm_momentum * renorm_mean + (1 - renorm_momentum) * mean,
            renorm_momentum * renorm_std + (1 - renorm_momentum) * std)
     return y, new
@@ -74,20 +80,27 @@ def test_renorm_matches_reference_over_steps(mode):
     clip = {"rmax": 1.5, "rmin": 0.8, "dmax": 0.5}
     layer, params = _layer(3, renorm=True, renorm_clipping=clip, renorm_momentum=0.7)
     run = _runner(layer, mode)
-    params = [p.astype(np.float64) for p in params]
-    renorm_mean, renorm_std = np.zeros(3), np.ones(3)  # initial: mean 0, sqrt(var init 1)
+    gamma, beta, moving_mean, _ = [p.astype(np.float64) for p in params]
+    # Initial moving stddev and renorm statistics: sqrt(1) and mean 0.
+    state = (moving_mean, np.ones(3), np.zeros(3), np.ones(3))
     rng = np.random.RandomState(0)
     for step in range(4):
         # Data far from the renorm statistics, so r and d hit their clips.
         x = rng.normal(3.0 - step, 2.5, (16, 3))
-        want, new = np_renorm_step(x, params, renorm_mean, renorm_std, clip, 0.9, 0.7)
-        params[2], params[3], renorm_mean, renorm_std = new
+        want, state = np_renorm_step(x, gamma, beta, state, clip, 0.9, 0.7)
         np.testing.assert_allclose(run(x.astype(np.float32)), want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(layer.moving_mean, params[2], rtol=F32_TOL, atol=F32_TOL)
-    np.testing.assert_allclose(layer.moving_variance, params[3], rtol=F32_TOL, atol=F32_TOL)
+    moving_mean, moving_std, renorm_mean, renorm_std = state
+    np.testing.assert_allclose(layer.moving_mean, moving_mean, rtol=F32_TOL, atol=F32_TOL)
+    np.testing.assert_allclose(layer.moving_stddev, moving_std, rtol=F32_TOL, atol=F32_TOL)
+    np.testing.assert_allclose(layer.moving_variance, moving_std ** 2 - EPS,
+                               rtol=F32_TOL, atol=F32_TOL)
     np.testing.assert_allclose(layer.renorm_mean, renorm_mean, rtol=F32_TOL, atol=F32_TOL)
     np.testing.assert_allclose(layer.renorm_stddev, renorm_std, rtol=F32_TOL, atol=F32_TOL)
-    assert int(layer.renorm_steps.numpy()) == 4
+    # Numeric bounds need no step counter: Keras's seven weights, no more.
+    assert not hasattr(layer, "renorm_steps")
+    assert [w.name for w in layer.weights] == [
+        "gamma", "beta", "moving_mean", "moving_variance", "moving_stddev",
+        "renorm_mean", "renorm_stddev"]
 
 
 def test_renorm_inference_is_plain_batch_norm_with_moving_stats():
@@ -388,13 +401,63 @@ def test_embedding_mask_zero_reaches_the_layer_in_a_model():
     np.testing.assert_allclose(bn.moving_variance, vectors.var(0), rtol=1e-4, atol=1e-7)
 
 
+def _keras_twin(layer, shape, **kwargs):
+    """keras.layers.BatchNormalization with `layer`'s arguments and weights."""
+    twin = keras.layers.BatchNormalization(
+        axis=layer.axis, momentum=layer.momentum, epsilon=layer.epsilon, **kwargs)
+    twin.build(shape)
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+@pytest.mark.parametrize("axis, mask_shape", [
+    (-1, (2, 3, 4)),   # Keras's usual mask: the input's shape without the last axis
+    (1, (2, 3, 4)),    # the same after `Masking` on channels-first data
+    (1, (1, 3, 1)),    # Keras's "broadcastable" form (size-1 axes)
+    (-1, (2, 1, 4)),
+    (2, (2, 3, 4, 1)),  # full rank, broadcast as it is
+])
+def test_keras_mask_conventions_give_keras_statistics(axis, mask_shape):
+    # Keras's layer expands a mask of rank r - 1 at the last axis and
+    # broadcasts it to the input, whatever `axis` is; so must we.
+    rng = np.random.RandomState(17)
+    shape = (2, 3, 4, 5)
+    x = rng.normal(1.0, 2.0, shape).astype(np.float32)
+    mask = rng.rand(*mask_shape) > 0.3
+    layer = BatchNorm(axis=axis, momentum=0.5, epsilon=1e-3)
+    layer.build(shape)
+    twin = _keras_twin(layer, shape)
+    # Keras takes rank r - 1 only: it gets a full-rank mask without its last axis.
+    keras_mask = mask if len(mask_shape) < len(shape) else mask[..., 0]
+    ours = layer(x, training=True, mask=mask)
+    theirs = twin(x, training=True, mask=keras_mask)
+    # Keras divides by count + 1e-7; relative differences stay below 1e-5.
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.moving_mean, twin.moving_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance, twin.moving_variance, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_first_mask_after_masking_is_accepted_in_inference():
+    layer = BatchNorm(axis=1)
+    x = np.ones((2, 3, 4), np.float32)
+    layer.build(x.shape)
+    # Masking's mask: (2, 3), the input without its last axis.
+    np.testing.assert_array_equal(layer(x, mask=np.ones((2, 3), bool)), layer(x))
+
+
 def test_mask_shape_error():
     layer = BatchNorm(name="bn_m")
     layer.build((None, 5, 3))
     with pytest.raises(ValueError) as info:
         layer(np.zeros((2, 5, 3), np.float32), training=True, mask=np.ones((2, 4), bool))
-    assert ("BatchNorm 'bn_m': argument `mask` must have the input's shape without "
-            "the channel axis, (2, 5); received shape (2, 4).") in str(info.value)
+    assert ("BatchNorm 'bn_m': argument `mask` must broadcast to the input's shape "
+            "(2, 5, 3), or do so once given a last axis of size 1 (Keras's masks lack "
+            "the last axis); received shape (2, 4).") in str(info.value)
+    before = layer.get_weights()
+    with pytest.raises(ValueError):
+        layer(np.zeros((2, 5, 3), np.float32), training=True, mask=np.ones((2, 5, 3, 1), bool))
+    for a, b in zip(before, layer.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_fully_masked_batch_is_refused_by_the_guard():

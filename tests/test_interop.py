@@ -118,11 +118,12 @@ def _message(call):
 
 
 def test_from_torch_errors_name_the_argument():
-    assert _message(lambda: from_torch({"bn.weight": np.ones(2), "bn.bias": np.zeros(2)})) == (
-        "from_torch: argument `state_dict_or_module` must have bn.running_mean and "
-        "bn.running_var; received bn.weight, bn.bias. A module built with "
-        "track_running_stats=False normalizes with batch statistics even in eval mode, which "
-        "BatchNorm does not do.")
+    assert _message(lambda: from_torch({"bn.weight": np.ones(2), "bn.running_var": np.ones(2)})) == (
+        "from_torch: argument `state_dict_or_module` must have both bn.running_mean and "
+        "bn.running_var, or neither (track_running_stats=False); received bn.running_var alone.")
+    assert _message(lambda: from_torch({"num_batches_tracked": np.array(3)})) == (
+        "from_torch: argument `state_dict_or_module` must hold a batch-norm layer's entries "
+        "(weight, bias, running_mean, running_var); received num_batches_tracked.")
     both = {**_state_dict(prefix="bn1."), **_state_dict(prefix="bn2.")}
     assert _message(lambda: from_torch(both)) == (
         "from_torch: argument `state_dict_or_module` must hold one batch-norm layer's "
@@ -132,10 +133,6 @@ def test_from_torch_errors_name_the_argument():
         "from_torch: argument `state_dict_or_module` must hold the entries weight, bias, "
         "running_mean, running_var, num_batches_tracked of a batch-norm layer; received the "
         "unexpected entries scale.")
-    no_bias = {k: v for k, v in _state_dict().items() if k != "bias"}
-    assert _message(lambda: from_torch(no_bias)) == (
-        "from_torch: argument `state_dict_or_module` must have both weight and bias or "
-        "neither (affine=False); received weight without bias.")
     assert _message(lambda: from_torch({**_state_dict(), "running_mean": np.zeros(4)})) == (
         "from_torch: argument `state_dict_or_module` must have entries of one shape (C,); "
         "received running_mean of shape (4,) and running_var of shape (3,).")
@@ -249,10 +246,88 @@ def test_torch_cumulative_average_carries_over_and_keeps_training_alike(torch):
     assert int(exported["num_batches_tracked"]) == int(module.num_batches_tracked)
 
 
-def test_torch_errors(torch):
-    untracked = torch.nn.BatchNorm2d(3, track_running_stats=False)
-    with pytest.raises(ValueError, match="track_running_stats=False"):
-        from_torch(untracked)
+def test_weight_without_bias_is_scale_without_center():
+    state = {k: v for k, v in _state_dict().items() if k != "bias"}
+    layer = from_torch(state)
+    assert (layer.scale, layer.center, layer.beta) == (True, False, None)
+    np.testing.assert_array_equal(layer.gamma.numpy(), state["weight"])
+    x = np.random.RandomState(9).normal(0.5, 2.0, (4, 3)).astype(np.float32)
+    want, _, _ = np_batch_norm(x, state["weight"], None, state["running_mean"],
+                               state["running_var"], training=False, axis=1)
+    np.testing.assert_allclose(layer(x), want, rtol=F32_TOL, atol=F32_TOL)
+
+
+def test_num_batches_tracked_carried_for_every_momentum():
+    layer = from_torch(_state_dict())  # momentum 0.9, num_batches_tracked 7
+    assert layer.track_num_batches and int(layer.num_batches_tracked.numpy()) == 7
+    x = np.random.RandomState(10).normal(0.5, 2.0, (4, 3)).astype(np.float32)
+    layer(x, training=True)
+    layer(x, training=True)
+    assert int(to_torch_state_dict(layer, as_numpy=True)["num_batches_tracked"]) == 9
+    # Without one in the state dict the layer keeps Keras's four weights.
+    state = {k: v for k, v in _state_dict().items() if k != "num_batches_tracked"}
+    assert len(from_torch(state).weights) == 4
+
+
+def test_state_dict_without_running_statistics_tracks_none():
+    state = {k: _state_dict()[k] for k in ("weight", "bias")}
+    layer = from_torch(state)
+    assert not layer.track_running_stats and len(layer.weights) == 2
+    x = np.random.RandomState(11).normal(0.5, 2.0, (6, 3)).astype(np.float32)
+    # Batch statistics in inference too.
+    want, _, _ = np_batch_norm(x, state["weight"], state["bias"], np.zeros(3), np.ones(3),
+                               training=True, axis=1)
+    np.testing.assert_allclose(layer(x), want, rtol=F32_TOL, atol=F32_TOL)
+    assert to_torch_state_dict(layer, as_numpy=True).keys() == {"weight", "bias"}
+
+
+def test_track_running_stats_false_matches_torch_in_train_and_eval(torch):
+    module = torch.nn.BatchNorm2d(3, track_running_stats=False)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 2.0)
+        module.bias.uniform_(-1.0, 1.0)
+    layer = from_torch(module)
+    assert not layer.track_running_stats
+    x = np.random.RandomState(12).normal(0.5, 2.0, (4, 3, 5, 5)).astype(np.float32)
+    for mode in ("train", "eval"):
+        getattr(module, mode)()
+        np.testing.assert_allclose(layer(x, training=mode == "train"),
+                                   _torch_out(torch, module, x), rtol=F32_TOL, atol=F32_TOL)
+    fresh = torch.nn.BatchNorm2d(3, track_running_stats=False)
+    fresh.load_state_dict(to_torch_state_dict(layer), strict=True)
+    np.testing.assert_array_equal(fresh.weight.detach().numpy(), layer.gamma.numpy())
+
+
+def test_weight_without_bias_module_matches_torch(torch):
+    module = _trained_module(torch)
+    module.bias = None  # a BatchNorm with a scale and no offset
+    layer = from_torch(module)
+    assert layer.scale and not layer.center
+    x = np.random.RandomState(13).normal(0.5, 2.0, (4, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(layer(x), _torch_out(torch, module, x), rtol=F32_TOL,
+                               atol=F32_TOL)
+
+
+def test_num_batches_tracked_follows_torch_with_momentum(torch):
+    module = torch.nn.BatchNorm2d(3, momentum=0.1).train()
+    layer = from_torch(module)
+    rng = np.random.RandomState(14)
+    for _ in range(3):
+        x = rng.normal(0.5, 2.0, (4, 3, 2, 2)).astype(np.float32)
+        module(torch.from_numpy(x))
+        layer(x, training=True)
+    assert int(to_torch_state_dict(layer)["num_batches_tracked"]) == int(
+        module.num_batches_tracked) == 3
+
+
+def test_reset_running_stats_matches_torch(torch):
+    module = _trained_module(torch)
+    layer = from_torch(module)
+    module.reset_running_stats()
+    layer.reset_running_stats()
+    exported = to_torch_state_dict(layer, as_numpy=True)
+    for key, value in module.state_dict().items():
+        np.testing.assert_array_equal(exported[key], value.numpy())
 
 
 def test_half_and_double_precision_modules(torch):

@@ -73,3 +73,33 @@ def test_weights_transfer_between_layers_in_both_directions():
     fresh.build((None, 4))
     fresh.set_weights(theirs.get_weights())
     np.testing.assert_array_equal(fresh.moving_variance.numpy(), theirs.moving_variance.numpy())
+
+
+@pytest.mark.parametrize("clipping", [None, {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}])
+def test_renorm_matches_keras_weights_outputs_and_train_inference_gap(clipping):
+    # Batch Renormalization as in the paper and Keras 3: the same seven
+    # weights in the same order, the same outputs in both modes, and so the
+    # same train/inference gap (the case: gamma 2, renorm_momentum
+    # equal to momentum, 5 steps).
+    kwargs = dict(momentum=0.9, epsilon=1e-3, renorm=True, renorm_momentum=0.9,
+                  renorm_clipping=clipping)
+    ours = BatchNorm(**kwargs)
+    theirs = keras.layers.BatchNormalization(**kwargs)
+    for layer in (ours, theirs):
+        layer.build((None, 3))
+    assert [w.name for w in ours.weights] == [w.name for w in theirs.weights]
+    theirs.gamma.assign([2.0, 2.0, 2.0])
+    ours.set_weights(theirs.get_weights())
+    rng = np.random.RandomState(3)
+    for step in range(5):
+        x = rng.normal(1.0 + step, 2.0, (16, 3)).astype(np.float32)
+        np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True),
+                                   atol=KERAS_TOL, rtol=KERAS_TOL)
+    for a, b in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_allclose(a, b, atol=KERAS_TOL, rtol=KERAS_TOL)
+    gaps = [np.abs(layer(x, training=True) - layer(x, training=False)).max()
+            for layer in (ours, theirs)]
+    np.testing.assert_allclose(gaps[0], gaps[1], atol=KERAS_TOL)
+    # Weights go back the other way too.
+    theirs.set_weights(ours.get_weights())
+    np.testing.assert_array_equal(theirs(x), theirs(x))

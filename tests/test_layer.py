@@ -247,3 +247,142 @@ def test_string_input_error():
         layer.call(tf.constant([["a", "b"]]))
     assert str(info.value) == (
         "BatchNorm 'bn_s': expected a real-valued (float, integer or bool) input tensor; received dtype string.")
+
+
+# --- the op and the layer are one function ---------------------------------
+
+
+def test_op_and_layer_agree_over_batches_including_bad_ones():
+    # The same batches through keras_bn.batch_norm and BatchNorm: outputs
+    # and moving statistics equal, a NaN batch and an empty one included
+    # (both leave the statistics as they were).
+    import keras_bn
+
+    layer = BatchNorm(momentum=0.8)
+    layer.build((None, 3))
+    gamma, beta, mean, var = (p.astype(np.float32) for p in random_params(3))
+    layer.set_weights([gamma, beta, mean, var])
+    rng = np.random.RandomState(5)
+    nan_batch = rng.normal(0.0, 1.0, (4, 3)).astype(np.float32)
+    nan_batch[1, 2] = np.nan
+    batches = [rng.normal(1.0, 2.0, (6, 3)).astype(np.float32), nan_batch,
+               np.zeros((0, 3), np.float32), rng.normal(-1.0, 0.5, (5, 3)).astype(np.float32)]
+    for x in batches:
+        y_op, mean, var = keras_bn.batch_norm(
+            x, gamma, beta, mean, var, training=True, momentum=0.8)
+        y_layer = layer(x, training=True)
+        np.testing.assert_array_equal(np.isnan(y_op), np.isnan(y_layer))
+        np.testing.assert_allclose(y_op, y_layer, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(mean, layer.moving_mean.numpy())
+        np.testing.assert_array_equal(var, layer.moving_variance.numpy())
+    assert np.isfinite(mean).all() and layer.skipped_updates == 2
+
+
+# --- PyTorch's running-statistics modes ------------------------------------
+
+
+def test_track_running_stats_false_uses_batch_statistics_always():
+    layer = BatchNorm(track_running_stats=False)
+    layer.build((None, 3))
+    assert [w.name for w in layer.weights] == ["gamma", "beta"]
+    x = np.random.RandomState(6).normal(2.0, 3.0, (8, 3)).astype(np.float32)
+    want, _, _ = np_batch_norm(x, None, None, np.zeros(3), np.ones(3), training=True)
+    for training in (True, False, None):
+        np.testing.assert_allclose(layer(x, training=training), want, rtol=1e-5, atol=1e-5)
+    assert layer.get_config()["track_running_stats"] is False
+
+
+def test_reset_running_stats_restores_the_initializers():
+    layer = BatchNorm(momentum=None, moving_variance_initializer="zeros")
+    layer.build((None, 2))
+    layer(np.array([[1.0, 2.0], [3.0, 5.0]], np.float32), training=True)
+    gamma = layer.gamma.numpy() + 1.0
+    layer.gamma.assign(gamma)
+    layer.reset_running_stats()
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), [0.0, 0.0])
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), [0.0, 0.0])
+    assert int(layer.num_batches_tracked.numpy()) == 0
+    np.testing.assert_array_equal(layer.gamma.numpy(), gamma)  # trainable: untouched
+
+
+def test_reset_running_stats_with_renorm():
+    layer = BatchNorm(renorm=True)
+    layer.build((None, 2))
+    layer(np.array([[1.0, 2.0], [3.0, 5.0]], np.float32), training=True)
+    layer.reset_running_stats()
+    fresh = BatchNorm(renorm=True)
+    fresh.build((None, 2))
+    for a, b in zip(layer.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- a tf.function `call` in a subclassed model ----------------------------
+
+
+class _FunctionModel(keras.Model):
+    def __init__(self, layer):
+        super().__init__()
+        self.bn = layer
+
+    @tf.function
+    def call(self, x, training=None):
+        return self.bn(x, training=training)
+
+
+def test_subclassed_model_with_a_tf_function_call_works_as_with_keras():
+    # It crashed on every call ("SelectV2 ... is out of scope") while the
+    # layer created a raw tf.Variable in build. Keras reuses the trace of
+    # its symbolic build pass for such a `call`, for its own layer too, so
+    # the fair test is: same outputs as Keras's layer, no error, 4 weights.
+    x = tf.constant([[1.0], [5.0], [3.0]])
+    ours = _FunctionModel(BatchNorm(momentum=0.5, epsilon=1e-3))
+    theirs = _FunctionModel(keras.layers.BatchNormalization(momentum=0.5))
+    for training in (True, False):
+        np.testing.assert_allclose(ours(x, training=training), theirs(x, training=training),
+                                   rtol=1e-6, atol=1e-6)
+    assert len(ours.bn.get_weights()) == 4
+    assert not any(isinstance(v, tf.Variable) for v in vars(ours.bn).values())
+
+
+def test_layer_built_inside_a_tf_function_trains():
+    # The layer itself may be built while a tf.function traces (no symbolic
+    # pass): its weights, the guard's counter included, are created once and
+    # the moving statistics follow the batches.
+    layer = BatchNorm(momentum=0.5)
+
+    @tf.function
+    def step(x):
+        return layer(x, training=True)
+
+    x = tf.constant([[1.0], [5.0]])
+    step(x)
+    step(x)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), [2.25])
+    assert layer.skipped_updates == 0 and len(layer.get_weights()) == 4
+
+
+# --- conflicts caught at construction --------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, name, value", [
+    ({"renorm": True}, "renorm", "True"),
+    ({"virtual_batch_size": 4}, "virtual_batch_size", "4"),
+    ({"synchronized": True}, "synchronized", "True"),
+])
+def test_fused_true_conflicts_are_caught_in_the_constructor(kwargs, name, value):
+    with pytest.raises(ValueError) as info:
+        BatchNorm(fused=True, name="bn", **kwargs)
+    assert str(info.value) == (
+        f"BatchNorm 'bn': argument `{name}` needs the TF-ops path, but fused=True "
+        f"requires TensorFlow's fused kernel; received {name}={value} with fused=True. "
+        "Pass fused=None (the default) or False.")
+
+
+def test_fused_true_with_a_mask_fails_at_the_call_and_changes_nothing():
+    layer = BatchNorm(fused=True, name="bn")
+    layer.build((None, 4, 3))
+    with pytest.raises(ValueError) as info:
+        layer(np.ones((2, 4, 3), np.float32), training=True, mask=np.ones((2, 4), bool))
+    assert ("BatchNorm 'bn': a `mask` needs the TF-ops path, but fused=True requires "
+            "TensorFlow's fused kernel; received a mask with fused=True.") in str(info.value)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(3))
