@@ -18,13 +18,17 @@ try:
     import tensorflow as _tf  # noqa: F401
 except ImportError as _error:  # pragma: no cover - depends on the install
     raise ImportError(
-        "keras_bn needs TensorFlow. Install it with the package's extra: "
-        "`pip install 'keras_bn[cpu]'` (CPU wheel) or "
-        "`pip install 'keras_bn[gpu]'` (NVIDIA GPUs)."
+        "keras_bn needs TensorFlow, which is not installed: "
+        "`pip install tensorflow` (or, on Linux, `tensorflow-cpu`, the "
+        "smaller CPU-only wheel, or 'tensorflow[and-cuda]' for NVIDIA "
+        "GPUs). In a clone of keras_bn, `pip install -e '.[cpu]'` installs "
+        "it with the package."
     ) from _error
 
 from keras_bn.calibration import RecalibrationReport
 from keras_bn.calibration import recalibrate
+from keras_bn.convert import from_keras
+from keras_bn.convert import to_keras
 from keras_bn.folding import ChannelAffine
 from keras_bn.folding import fold_batch_norms
 from keras_bn.interop import from_torch
@@ -40,7 +44,9 @@ __all__ = [
     "RecalibrationReport",
     "batch_norm",
     "fold_batch_norms",
+    "from_keras",
     "from_torch",
     "recalibrate",
+    "to_keras",
     "to_torch_state_dict",
 ]
