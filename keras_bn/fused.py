@@ -120,13 +120,19 @@ def offset_dominated(mean, variance):
     cuDNN accumulates with Welford's method and needs no such check (which
     would also cost a device-to-host sync per layer and step).
     """
-    if _gpu_visible():
-        return tf.constant(False)
     return tf.reduce_any(tf.square(mean) > OFFSET_DOMINATED_RATIO * variance)
 
 
 def fused_train(x, gamma, beta, epsilon, axis):
     """Training-mode batch norm by the fused kernel.
+
+    On a CPU, a batch whose mean dominates its spread (see
+    `offset_dominated`) goes through the kernel a second time, shifted by
+    the first pass's mean: batch norm doesn't change under a per-channel
+    shift, and data near zero is where the kernel's float32 sums are
+    accurate. The gradient is the kernel's own, taken from whichever pass
+    served: a custom gradient, so that the first-order graph holds no
+    gradient of the `tf.cond` (which doubled a model's first-step time).
 
     Args:
         x: float16/bfloat16/float32 input; `axis` non-negative.
@@ -137,17 +143,59 @@ def fused_train(x, gamma, beta, epsilon, axis):
     """
     view, data_format = _kernel_view(x, axis)
     gamma, beta = _vectors(gamma, beta, x, axis)
-    empty = tf.zeros([0], tf.float32)
-    out = tf.raw_ops.FusedBatchNormV3(
-        x=view, scale=gamma, offset=beta, mean=empty, variance=empty,
-        epsilon=epsilon, exponential_avg_factor=1.0,
-        data_format=data_format, is_training=True,
-    )
-    # The kernel reports the Bessel-corrected variance n/(n-1) * var (for
-    # TF's own moving average); the semantics here are the biased one.
-    n = tf.cast(tf.size(x, tf.int64) // tf.size(out.batch_mean, tf.int64), tf.float32)
-    biased = out.batch_variance * ((n - 1.0) / tf.maximum(n, 1.0))
-    return tf.reshape(out.y, tf.shape(x)), out.batch_mean, biased
+    channel_axis = 1 if data_format == "NCHW" else 3
+
+    def kernel(view):
+        empty = tf.zeros([0], tf.float32)  # no running statistics in training
+        return tf.raw_ops.FusedBatchNormV3(
+            x=view, scale=gamma, offset=beta, mean=empty, variance=empty,
+            epsilon=epsilon, exponential_avg_factor=1.0,
+            data_format=data_format, is_training=True)
+
+    def biased(out):
+        # The kernel reports the Bessel-corrected variance n/(n-1) * var
+        # (for TF's own moving average); the semantics here are the biased one.
+        n = tf.cast(tf.size(view, tf.int64) // tf.size(out.batch_mean, tf.int64),
+                    tf.float32)
+        return out.batch_variance * ((n - 1.0) / tf.maximum(n, 1.0))
+
+    if _gpu_visible():
+        out = kernel(view)
+        return tf.reshape(out.y, tf.shape(x)), out.batch_mean, biased(out)
+
+    @tf.custom_gradient
+    def train(view, gamma, beta):
+        first = kernel(view)
+
+        def shifted():
+            shape = [1, 1, 1, 1]
+            shape[channel_axis] = -1
+            seen = view - tf.reshape(tf.cast(first.batch_mean, view.dtype), shape)
+            out = kernel(seen)
+            return (out.y, seen, first.batch_mean + out.batch_mean, biased(out),
+                    out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
+
+        def plain():
+            return (first.y, view, first.batch_mean, biased(first),
+                    first.reserve_space_1, first.reserve_space_2, first.reserve_space_3)
+
+        y, seen, mean, variance, *reserve = tf.cond(
+            offset_dominated(first.batch_mean, biased(first)), shifted, plain)
+
+        def backward(dy, *_):
+            # What TensorFlow's registered gradient of the kernel computes,
+            # from the pass that produced y; its own gradient is registered
+            # too, so second derivatives stay exact.
+            grads = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=seen, scale=gamma, reserve_space_1=reserve[0],
+                reserve_space_2=reserve[1], reserve_space_3=reserve[2],
+                epsilon=epsilon, data_format=data_format, is_training=True)
+            return grads[0], grads[1], grads[2]
+
+        return (y, mean, variance), backward
+
+    y, mean, variance = train(view, gamma, beta)
+    return tf.reshape(y, tf.shape(x)), mean, variance
 
 
 def fused_infer(x, gamma, beta, mean, variance, epsilon, axis):

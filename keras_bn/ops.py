@@ -607,12 +607,6 @@ def normalize_batch(x, gamma, beta, *, epsilon, axis, fused=None,
     elif _choose_fused(fused, x, axis, epsilon, True):
         y, mean, variance = fused_kernels.fused_train(x, gamma, beta, epsilon, axis)
         stats = BatchStats(_channel_count(x, mean), mean, variance)
-        fused_result = (y, stats)
-        y, stats = tf.cond(
-            fused_kernels.offset_dominated(mean, variance),
-            lambda: _general_train(x, gamma, beta, epsilon, axis),
-            lambda: fused_result,
-        )
     else:
         y, stats = _general_train(x, gamma, beta, epsilon, axis)
     stats = BatchStats(*(tf.stop_gradient(t) for t in stats))

@@ -100,10 +100,10 @@ def test_under_xla_tf_ops_serve_by_default():
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 def test_half_precision_kernel_makes_no_full_size_float32_copy(dtype, training):
-    # The main graph only: in training, a tf.cond branch holds the float32
-    # fallback for offset-dominated batches, which runs only for those.
+    # tf.cond branches included: the CPU kernel's second, shifted pass for
+    # offset-dominated batches stays in the input's dtype too.
     shape = [8, 4, 4, 3]
-    ops = _graph_ops(lambda x: _bn(x, training), tf.TensorSpec(shape, dtype), branches=False)
+    ops = _graph_ops(lambda x: _bn(x, training), tf.TensorSpec(shape, dtype))
     assert "FusedBatchNormV3" in {op.type for op in ops}
     for op in ops:
         if op.type == "Cast":
@@ -212,3 +212,58 @@ def test_general_path_backward_is_the_custom_gradient():
     assert "FusedBatchNormV3" not in types and "FusedBatchNormGradV3" not in types
     assert "RsqrtGrad" not in types
     assert "IdentityN" in types  # how tf.custom_gradient appears in a graph
+
+
+@cpu_only
+@pytest.mark.parametrize("jit", [False, True])
+def test_offset_dominated_batch_in_a_graph_takes_the_shifted_pass(jit):
+    # In a tf.function (and under XLA, with fused=True) the kernel's second,
+    # shifted pass must serve outputs, statistics and gradients of every
+    # order for an offset-dominated batch, and the plain pass for the
+    # others, in one trace.
+    layer = BatchNorm(fused=True, momentum=0.0)
+    layer.build((None, 4, 4, 3))
+    rng = np.random.RandomState(9)
+    upstream = tf.constant(rng.normal(0.0, 1.0, (16, 4, 4, 3)), tf.float32)
+
+    @tf.function(jit_compile=jit)
+    def step(x):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * upstream)
+            dx = inner.gradient(loss, x)
+            penalty = tf.reduce_sum(dx * dx)
+        return y, dx, outer.gradient(penalty, x)
+
+    for offset in (0.0, 3e4):
+        x64 = offset + rng.normal(0.0, 1.0, (16, 4, 4, 3))
+        y, dx, ddx = step(tf.constant(x64, tf.float32))
+        # The reference sees the float32 data, centred in float64.
+        x32 = x64.astype(np.float32).astype(np.float64)
+        want, _, var = np_batch_norm(x32, None, None, np.zeros(3), np.ones(3), training=True,
+                                     momentum=0.0)
+        np.testing.assert_allclose(layer.moving_variance, var, rtol=1e-4)
+        np.testing.assert_allclose(y, want, rtol=2e-3, atol=2e-3)
+        centred = tf.constant(x32 - x32.mean(axis=(0, 1, 2)), tf.float32)
+        ref = BatchNorm(fused=False)
+        ref.build((None, 4, 4, 3))
+
+        def reference(x):
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    loss = tf.reduce_sum(ref(x, training=True) * upstream)
+                dx = inner.gradient(loss, x)
+                penalty = tf.reduce_sum(dx * dx)
+            return dx, outer.gradient(penalty, x)
+
+        # Batch norm's gradients don't change under a per-channel shift:
+        # the centred batch is the reference.
+        want_dx, want_ddx = reference(centred)
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-3, atol=1e-3 * np.abs(want_dx).max())
+        np.testing.assert_allclose(ddx, want_ddx, rtol=1e-3, atol=1e-3 * np.abs(want_ddx).max())
+    assert step.experimental_get_tracing_count() == 1
