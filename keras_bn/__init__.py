@@ -34,7 +34,7 @@ from keras_bn.folding import fold_batch_norms
 from keras_bn.interop import from_torch
 from keras_bn.interop import to_torch_state_dict
 from keras_bn.layer import BatchNorm
-from keras_bn.ops import batch_norm
+from keras_bn.functional import batch_norm
 
 __version__ = "0.1.0"
 

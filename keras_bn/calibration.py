@@ -14,6 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bn import ops
+from keras_bn import private_api
 from keras_bn.layer import BatchNorm
 
 _LAYER_TYPES = (BatchNorm, keras.layers.BatchNormalization)
@@ -25,14 +27,14 @@ class RecalibrationReport:
 
     Attributes:
         layers: names of the batch-norm layers whose statistics were set.
-        skipped: names of the batch-norm layers left alone because they are
+        frozen: names of the batch-norm layers left alone because they are
             frozen (`trainable=False`, so they run in inference mode).
         batches: number of batches run through the model.
         examples: number of examples in those batches.
     """
 
     layers: tuple
-    skipped: tuple
+    frozen: tuple
     batches: int
     examples: int
 
@@ -41,8 +43,8 @@ class RecalibrationReport:
             f"recalibrated {len(self.layers)} batch-norm layers over "
             f"{self.batches} batches ({self.examples} examples)"
         )
-        if self.skipped:
-            text += f"; skipped {len(self.skipped)} frozen"
+        if self.frozen:
+            text += f"; left {len(self.frozen)} frozen alone"
         return text
 
 
@@ -53,13 +55,8 @@ def _batch_norm_layers(model):
             "recalibrate: argument `model` must be a Keras model or layer; "
             f"received {type(model).__name__}."
         )
-    # Keras has no public walk over nested sublayers (`model.layers` stops at
-    # the first level); `_flatten_layers` is the one Keras itself uses.
-    layers = [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if isinstance(layer, _LAYER_TYPES)
-    ]
+    layers = [layer for layer in private_api.all_layers(model)
+              if isinstance(layer, _LAYER_TYPES)]
     if not layers:
         raise ValueError(
             "recalibrate: argument `model` must contain a keras_bn.BatchNorm "
@@ -137,42 +134,33 @@ def _batch_size(x):
     return int(size)
 
 
-class _PooledMoments:
-    """Population mean and variance of a union of batches, from per-batch ones.
-
-    mean = sum(n * m) / N and var = sum(n * (v + m**2)) / N - mean**2, in
-    float64 and about a shift (the first batch mean), so that the
-    difference of sums does not cancel for data on a large offset.
-    """
+class _BatchMoments:
+    """One layer's per-batch statistics, merged into the population's at the
+    end by `ops.merge_moments` (in float64, so nothing cancels)."""
 
     def __init__(self):
-        self.count = 0
-        self.batches = 0
-        self._shift = self._sum = self._squares = None
+        self.sizes, self.means, self.variances = [], [], []
 
     def add(self, mean, variance, n):
-        mean = np.asarray(mean, np.float64)
-        variance = np.asarray(variance, np.float64)
-        if self._shift is None:
-            self._shift = mean
-            self._sum = np.zeros_like(mean)
-            self._squares = np.zeros_like(mean)
-        d = mean - self._shift
-        self._sum += n * d
-        self._squares += n * (variance + d * d)
-        self.count += n
-        self.batches += 1
+        self.sizes.append(n)
+        self.means.append(np.asarray(mean, np.float64))
+        self.variances.append(np.asarray(variance, np.float64))
+
+    @property
+    def count(self):
+        return sum(self.sizes)
 
     def result(self):
-        d = self._sum / self.count
-        # Rounding may leave a tiny negative where a channel is constant.
-        variance = np.maximum(self._squares / self.count - d * d, 0.0)
-        return self._shift + d, variance
+        counts = np.outer(self.sizes, np.ones_like(self.means[0]))
+        _, mean, variance = ops.merge_moments(
+            tf.constant(counts), tf.constant(np.stack(self.means)),
+            tf.constant(np.stack(self.variances)))
+        return mean.numpy(), variance.numpy()
 
 
-def _skipped(layer):
-    counter = getattr(layer, "_skipped_updates", None)
-    return None if counter is None else int(counter.numpy())
+def _refused(layer):
+    """How many batches the layer's bad-batch guard has refused so far."""
+    return layer.refused_batches if isinstance(layer, BatchNorm) else None
 
 
 def _positions(layer):
@@ -249,7 +237,7 @@ def recalibrate(model, data, steps=None, verbose=1):
 
     Returns:
         A `RecalibrationReport` with the names of the layers updated and
-        skipped, and the numbers of batches and examples seen.
+        left frozen, and the numbers of batches and examples seen.
 
     Reference:
         - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576),
@@ -258,11 +246,11 @@ def recalibrate(model, data, steps=None, verbose=1):
     layers, frozen = _batch_norm_layers(model)
     target = _check_data(data, steps)
     saved = [(v, v.numpy()) for v in model.non_trainable_variables]
-    saved += [(layer._skipped_updates, layer._skipped_updates.numpy())
+    saved += [(layer._refused_batches, layer._refused_batches.numpy())
               for layer in layers if isinstance(layer, BatchNorm)]
     momenta = [layer.momentum for layer in layers]
     unbiased = [getattr(layer, "unbiased_moving_variance", False) for layer in layers]
-    pooled = [_PooledMoments() for _ in layers]
+    pooled = [_BatchMoments() for _ in layers]
     batches = 0
     progbar = keras.utils.Progbar(target, verbose=verbose, unit_name="batch")
     try:
@@ -284,12 +272,12 @@ def recalibrate(model, data, steps=None, verbose=1):
             n = _batch_size(x)
             if n == 0:
                 continue  # no statistics to add, and NaN ones to avoid
-            refused = [_skipped(layer) for layer in layers]
+            refused = [_refused(layer) for layer in layers]
             forward(x)
             for layer, moments, before in zip(layers, pooled, refused):
                 # A batch the bad-batch guard refused left the previous
                 # statistics in place: they must not count twice.
-                if _skipped(layer) != before:
+                if _refused(layer) != before:
                     continue
                 moments.add(
                     layer.moving_mean.numpy(), layer.moving_variance.numpy(), n
@@ -319,10 +307,12 @@ def recalibrate(model, data, steps=None, verbose=1):
         mean, variance = moments.result()
         if flag:
             values = moments.count * _positions(layer)
-            variance = variance * values / max(values - 1, 1)
+            if values < 2:
+                continue  # no unbiased variance of one value: the guard's rule
+            variance = ops.unbiased_variance(variance, values)
         if getattr(layer, "momentum", 0.0) is None:
             # A cumulative average over the batches just seen.
-            layer.num_batches_tracked.assign(moments.batches)
+            layer.num_batches_tracked.assign(len(moments.sizes))
         layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
         layer.moving_variance.assign(
             variance.astype(layer.moving_variance.dtype)
@@ -335,7 +325,7 @@ def recalibrate(model, data, steps=None, verbose=1):
     progbar.update(batches, finalize=True)
     return RecalibrationReport(
         layers=tuple(layer.name for layer in layers),
-        skipped=tuple(layer.name for layer in frozen),
+        frozen=tuple(layer.name for layer in frozen),
         batches=batches,
         examples=pooled[0].count,
     )

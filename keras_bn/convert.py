@@ -14,7 +14,7 @@ import inspect
 
 import keras
 
-from keras_bn.folding import _call_nodes
+from keras_bn import private_api
 from keras_bn.layer import BatchNorm
 
 # Arguments both layers take, with one meaning, stored under one attribute.
@@ -256,7 +256,7 @@ def _check_calls(model):
     """Raises ValueError for a BatchNorm called on inputs of two ranks:
     Keras's layer fixes the input rank at build time."""
     ranks = {}
-    for node in _call_nodes(model) if model.built else ():
+    for node in private_api.call_nodes(model) if model.built else ():
         layer = node.operation
         if type(layer) is not BatchNorm:
             continue

@@ -1,6 +1,6 @@
 """Cross-replica plumbing for tf.distribute: which replica context a call
 runs in, and the collectives that move per-channel statistics between
-replicas. The arithmetic that merges them is `keras_bn.ops.merge_moments`.
+replicas. The arithmetic that merges them is in `keras_bn.ops`.
 """
 
 import tensorflow as tf
@@ -35,3 +35,14 @@ def gather_rows(ctx, local):
 def all_sum(ctx, value):
     """The sum of `value` over all replicas."""
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def replica_moments(ctx, count, mean, variance, merge):
+    """Every replica's (C,) count, mean and variance, gathered in one
+    all-reduce and merged by `merge` (`ops.merge_moments` for the global
+    batch's statistics, `ops.pooled_moments` for the replicas' average)."""
+    # An empty replica batch has NaN statistics; its count of 0 drops it.
+    mean = tf.where(count > 0, mean, 0.0)
+    variance = tf.where(count > 0, variance, 0.0)
+    rows = gather_rows(ctx, tf.stack([count, mean, variance]))
+    return merge(rows[:, 0], rows[:, 1], rows[:, 2])

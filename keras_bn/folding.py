@@ -14,7 +14,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bn import checks
 from keras_bn import ops
+from keras_bn import private_api
 from keras_bn.layer import BatchNorm
 
 _BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
@@ -53,17 +55,17 @@ class ChannelAffine(keras.layers.Layer):
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        self.axis = ops.check_axis(axis, self._owner)
+        self.axis = checks.axis(axis, self._caller)
         self.supports_masking = True
         self.scale = None
         self.offset = None
 
     @property
-    def _owner(self):
+    def _caller(self):
         return f"ChannelAffine '{self.name}'"
 
     def build(self, input_shape):
-        shape = (ops.known_channels(input_shape, self.axis, self._owner),)
+        shape = (checks.known_channels(input_shape, self.axis, self._caller),)
         dtype = ops.statistics_dtype(self.variable_dtype).name
         self.scale = self.add_weight(
             shape=shape, name="scale", initializer="ones", dtype=dtype,
@@ -76,13 +78,9 @@ class ChannelAffine(keras.layers.Layer):
 
     def call(self, inputs):
         x = tf.convert_to_tensor(inputs)
-        rank = x.shape.rank
-        axis = ops.channel_axis(rank, self.axis, self._owner)
+        axis = checks.channel_axis(x.shape.rank, self.axis, self._caller)
         dtype = ops.statistics_dtype(x.dtype)
-        scale = ops.per_channel(tf.cast(self.scale, dtype), rank, axis)
-        offset = ops.per_channel(tf.cast(self.offset, dtype), rank, axis)
-        # Multiply, then add: the order converters fold into a neighbour.
-        return tf.cast(tf.cast(x, dtype) * scale + offset, x.dtype)
+        return ops.affine(x, tf.cast(self.scale, dtype), tf.cast(self.offset, dtype), axis)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -148,19 +146,6 @@ def _folded_weights(layer, a, b):
     return [kernel.astype(dtype), bias.astype(dtype)]
 
 
-def _call_nodes(model):
-    """The call nodes of a built Sequential or functional model's graph."""
-    # Keras keeps the graph in these attributes and has no public accessor:
-    # a built Sequential model wraps a functional one.
-    graph = model._functional if isinstance(model, keras.Sequential) else model
-    return [
-        node
-        for nodes in graph._nodes_by_depth.values()
-        for node in nodes
-        if not node.is_input
-    ]
-
-
 def _plan(model):
     """Which batch norms fold into which layers: ({id(layer): bn}, {id(bn)}).
 
@@ -168,7 +153,7 @@ def _plan(model):
     foldable layer that is called once and whose output feeds nothing else
     (not even the model's outputs).
     """
-    nodes = _call_nodes(model)
+    nodes = private_api.call_nodes(model)
     calls, uses = collections.Counter(), collections.Counter()
     producers = {}
     for node in nodes:
@@ -202,13 +187,13 @@ class _Folder:
     """Clones a model's layers for `fold_batch_norms`, then their weights."""
 
     def __init__(self, model):
-        self.folds, self.skipped = _plan(model)
+        self.folds, self.folded = _plan(model)
         self.pending = {}  # id(clone) -> (clone, weights to set once built)
 
     def clone(self, layer):
         if isinstance(layer, keras.Model):
             return fold_batch_norms(layer)
-        if id(layer) in self.skipped:
+        if id(layer) in self.folded:
             return layer  # a marker: `call` passes its input through
         if isinstance(layer, _BATCH_NORMS):
             clone = ChannelAffine(
@@ -229,7 +214,7 @@ class _Folder:
         return clone
 
     def call(self, layer, *args, **kwargs):
-        if id(layer) in self.skipped:
+        if id(layer) in self.folded:
             return args[0]
         if isinstance(layer, ChannelAffine):
             outputs = layer(args[0])  # `training` and `mask` mean nothing here
@@ -301,7 +286,7 @@ def fold_batch_norms(model):
             model, clone_function=folder.clone, call_function=folder.call
         )
     clones = [folder.clone(layer) for layer in model.layers]
-    kept = [clone for clone in clones if id(clone) not in folder.skipped]
+    kept = [clone for clone in clones if id(clone) not in folder.folded]
     x = model.inputs[0]
     folded = keras.Sequential(
         [keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name), *kept],

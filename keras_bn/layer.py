@@ -1,17 +1,17 @@
-"""The `BatchNorm` Keras layer: weights, moving-average updates and config.
+"""The `BatchNorm` Keras layer: weights, config and the moving-average updates.
 
-The math lives in `keras_bn.ops`; this module decides between batch and
-moving statistics, and writes the moving statistics back.
+A call checks its input (`checks`), has `dispatch` normalize it with batch
+or moving statistics, and writes the moving statistics back by the rule in
+`ops`. The math and the choice of kernel live in those modules.
 """
-
-import numbers
 
 import keras
 import tensorflow as tf
 
+from keras_bn import checks
+from keras_bn import dispatch
 from keras_bn import ops
 
-_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 _STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
                "renorm_stddev", "num_batches_tracked", "renorm_steps")
 
@@ -127,7 +127,7 @@ class BatchNorm(keras.layers.Layer):
             statistics are not finite (NaN/Inf in the batch) or that has no
             values (an empty or fully masked batch) leaves every moving
             statistic exactly as it was; the output is whatever the math
-            gives. `skipped_updates` counts such batches (a monitoring
+            gives. `refused_batches` counts such batches (a monitoring
             counter, not a weight: it is not saved). A batch with one
             value per channel is allowed: its variance is 0.
         track_running_stats: If False, there are no moving statistics:
@@ -190,11 +190,11 @@ class BatchNorm(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        owner = self._owner
-        self.axis = ops.check_axis(axis, owner)
+        caller = self._caller
+        self.axis = checks.axis(axis, caller)
         self.momentum = (
-            None if momentum is None else ops.check_momentum(momentum, owner))
-        self.epsilon = ops.check_epsilon(epsilon, owner)
+            None if momentum is None else checks.momentum(momentum, caller))
+        self.epsilon = checks.epsilon(epsilon, caller)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = keras.initializers.get(beta_initializer)
@@ -209,23 +209,15 @@ class BatchNorm(keras.layers.Layer):
         self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
         self.beta_constraint = keras.constraints.get(beta_constraint)
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
-        self.fused = ops.check_fused(fused, owner)
+        self.fused = checks.fused(fused, caller)
         self.synchronized = bool(synchronized)
         self.renorm = bool(renorm)
-        self.renorm_clipping = _check_clipping(renorm_clipping, owner)
-        if self.renorm_clipping and not self.renorm:
-            raise ValueError(
-                f"{owner}: argument `renorm_clipping` needs renorm=True; "
-                f"received renorm_clipping={renorm_clipping!r} with "
-                "renorm=False."
-            )
-        self.renorm_momentum = ops.check_momentum(
-            renorm_momentum, f"{owner} (renorm_momentum)")
-        self.virtual_batch_size = _check_virtual_batch_size(
-            virtual_batch_size, owner)
+        self.renorm_clipping = checks.renorm_clipping(renorm_clipping, self.renorm, caller)
+        self.renorm_momentum = checks.momentum(renorm_momentum, caller, "renorm_momentum")
+        self.virtual_batch_size = checks.virtual_batch_size(virtual_batch_size, caller)
         if self.virtual_batch_size is not None and self.synchronized:
             raise ValueError(
-                f"{owner}: arguments `virtual_batch_size` and "
+                f"{caller}: arguments `virtual_batch_size` and "
                 "`synchronized=True` don't combine (ghost batches are "
                 "per-replica by definition); received virtual_batch_size="
                 f"{virtual_batch_size}, synchronized=True."
@@ -234,19 +226,11 @@ class BatchNorm(keras.layers.Layer):
         self.guard_bad_batches = bool(guard_bad_batches)
         self.track_running_stats = bool(track_running_stats)
         self.track_num_batches = bool(track_num_batches)
-        if self.fused:
-            # The kernel computes plain per-replica statistics only: say so
-            # now, not at the first training step.
-            for name, value in (("renorm", self.renorm),
-                                ("virtual_batch_size", self.virtual_batch_size),
-                                ("synchronized", self.synchronized)):
-                if value not in (None, False):
-                    raise ValueError(
-                        f"{owner}: argument `{name}` needs the TF-ops path, "
-                        f"but fused=True requires TensorFlow's fused kernel; "
-                        f"received {name}={value!r} with fused=True. Pass "
-                        "fused=None (the default) or False."
-                    )
+        # Said now, not at the first training step.
+        checks.fused_conflicts(
+            self.fused, caller, renorm=self.renorm,
+            virtual_batch_size=self.virtual_batch_size,
+            synchronized=self.synchronized)
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -254,7 +238,7 @@ class BatchNorm(keras.layers.Layer):
         self.moving_variance = None
 
     @property
-    def _owner(self):
+    def _caller(self):
         return f"BatchNorm '{self.name}'"
 
     @property
@@ -277,7 +261,7 @@ class BatchNorm(keras.layers.Layer):
         )
 
     def build(self, input_shape):
-        shape = (ops.known_channels(input_shape, self.axis, self._owner),)
+        shape = (checks.known_channels(input_shape, self.axis, self._caller),)
         # Created in Keras's order so that get_weights()/set_weights()
         # interoperate with keras.layers.BatchNormalization; the weights
         # only some options need come after those four.
@@ -334,9 +318,9 @@ class BatchNorm(keras.layers.Layer):
         # that builds the layer retrace and fail), kept out of Keras's and
         # TF's tracking by setting it past their __setattr__.
         # A callable initializer, so that Keras defers it in a symbolic pass.
-        object.__setattr__(self, "_skipped_updates", keras.Variable(
+        object.__setattr__(self, "_refused_batches", keras.Variable(
             keras.initializers.Zeros(), shape=(), dtype="int64",
-            trainable=False, name="skipped_updates",
+            trainable=False, name="refused_batches",
             aggregation="only_first_replica"))
 
     @property
@@ -373,134 +357,80 @@ class BatchNorm(keras.layers.Layer):
                 shape = tuple(getattr(value, "shape", ()))
                 if shape != tuple(variable.shape):
                     raise ValueError(
-                        f"{self._owner}: weight {variable.name!r} has shape "
+                        f"{self._caller}: weight {variable.name!r} has shape "
                         f"{tuple(variable.shape)}; received an array of shape "
                         f"{shape}. Nothing was set."
                     )
         super().set_weights(weights)
 
     @property
-    def skipped_updates(self):
+    def refused_batches(self):
         """Training batches whose statistics the bad-batch guard refused."""
-        return int(self._skipped_updates.numpy())
+        return int(self._refused_batches.numpy())
 
-    def _check_inputs(self, inputs):
-        if isinstance(inputs, tf.RaggedTensor):
-            raise TypeError(
-                f"{self._owner}: expected a dense tensor; received a "
-                "RaggedTensor. Pad it with `x.to_tensor()` and pass `mask=` to "
-                "keep the padding out of the batch statistics."
-            )
-        if isinstance(inputs, tf.SparseTensor):
-            raise TypeError(
-                f"{self._owner}: expected a dense tensor; received a "
-                "SparseTensor. Convert it with `tf.sparse.to_dense(x)` first."
-            )
-        inputs = tf.convert_to_tensor(inputs)
-        rank = inputs.shape.rank
-        axis = ops.channel_axis(rank, self.axis, self._owner)
-        expected = self._channels
-        received = inputs.shape[axis]
-        message = (
-            f"{self._owner} was built for {expected} channels on axis "
-            f"{self.axis}; received an input with"
-        )
-        if received is not None and received != expected:
-            raise ValueError(
-                f"{message} {received} channels (shape {tuple(inputs.shape)})."
-            )
-        if received is None:
-            # Known only at run time (a traced [None, None] signature).
-            with tf.control_dependencies([tf.debugging.assert_equal(
-                    tf.shape(inputs)[axis], expected,
-                    message=f"{message} another number of channels.")]):
-                inputs = tf.identity(inputs)
-        if not inputs.dtype.is_floating:
-            if inputs.dtype not in (tf.bool,) and not inputs.dtype.is_integer:
-                raise TypeError(
-                    f"{self._owner}: expected a real-valued (float, integer "
-                    f"or bool) input tensor; received dtype "
-                    f"{inputs.dtype.name}."
-                )
-            inputs = tf.cast(inputs, self.compute_dtype)
-        return inputs, axis
+    @property
+    def skipped_updates(self):
+        """The name 0.1.0 gave `refused_batches`."""
+        return self.refused_batches
 
-    def _check_mask(self, mask, inputs, training):
-        """The mask as a bool tensor of the input's rank, or None.
+    def call(self, inputs, training=None, mask=None):
+        caller = self._caller
+        inputs, axis = checks.layer_input(
+            inputs, self._channels, self.axis, self.compute_dtype, caller)
+        training = checks.training(training, caller)
+        if not self.trainable:
+            training = False
+        if mask is not None:
+            mask = checks.mask(mask, inputs, caller)
+            if training is False:
+                mask = None  # inference ignores it, as in Keras's layer
+            else:
+                checks.mask_and_fused(self.fused, caller)
+        if isinstance(training, bool):
+            return self._train(inputs, axis, mask) if training else self._infer(inputs, axis)
+        # A symbolic flag: the update happens only inside the training branch.
+        return tf.cond(training, lambda: self._train(inputs, axis, mask),
+                       lambda: self._infer(inputs, axis))
 
-        Keras's conventions: a mask of the input's rank minus one lacks the
-        last axis (as `Masking` and `Embedding(mask_zero=True)` give it) and
-        gets it back with size 1; either way it must broadcast to the input.
-        """
-        if mask is None:
-            return None
-        mask = tf.convert_to_tensor(mask)
-        received = tuple(mask.shape)
-        rank = inputs.shape.rank
-        if mask.shape.rank == rank - 1:
-            mask = tf.expand_dims(mask, -1)
-        if mask.shape.rank != rank or not all(
-                m in (1, None) or d is None or m == d
-                for m, d in zip(mask.shape, inputs.shape)):
-            raise ValueError(
-                f"{self._owner}: argument `mask` must broadcast to the input's "
-                f"shape {tuple(inputs.shape)}, or do so once given a last axis "
-                f"of size 1 (Keras's masks lack the last axis); received shape "
-                f"{received}."
-            )
-        if training is False:
-            return None  # inference ignores the mask, as in Keras's layer
-        if self.fused:
-            raise ValueError(
-                f"{self._owner}: a `mask` needs the TF-ops path, but "
-                "fused=True requires TensorFlow's fused kernel; received a "
-                "mask with fused=True."
-            )
-        if self.virtual_batch_size is not None:
-            raise ValueError(
-                f"{self._owner}: a `mask` and virtual_batch_size="
-                f"{self.virtual_batch_size} don't combine; received a mask "
-                "with ghost batch normalization on."
-            )
-        return tf.cast(mask, tf.bool)
-
-    def _check_batch(self, inputs):
-        v = self.virtual_batch_size
-        if v is None:
-            return inputs
-        batch = inputs.shape[0]
-        message = (
-            f"{self._owner}: the batch size must be a multiple of "
-            f"virtual_batch_size={v}; received"
-        )
-        if batch is not None:
-            if batch % v:
-                raise ValueError(f"{message} a batch of {batch}.")
-            return inputs
-        with tf.control_dependencies([tf.debugging.assert_equal(
-                tf.shape(inputs)[0] % v, 0, message=f"{message} another size.")]):
-            return tf.identity(inputs)
-
-    def _vectors(self, stat_dtype):
-        def read(variable):
-            return None if variable is None else tf.cast(variable, stat_dtype)
-        return read(self.gamma), read(self.beta)
+    def _gamma_and_beta(self, dtype):
+        """The affine weights read in the statistics dtype (None if absent)."""
+        return tuple(None if v is None else tf.cast(v, dtype) for v in (self.gamma, self.beta))
 
     def _train(self, inputs, axis, mask):
-        inputs = self._check_batch(inputs)
-        stat_dtype = ops.statistics_dtype(inputs.dtype)
-        gamma, beta = self._vectors(stat_dtype)
-        y, stats = ops.normalize_batch(
+        if self.virtual_batch_size is not None:
+            if mask is not None:
+                raise ValueError(
+                    f"{self._caller}: a `mask` and virtual_batch_size="
+                    f"{self.virtual_batch_size} don't combine; received a mask "
+                    "with ghost batch normalization on.")
+            inputs = checks.batch_multiple(inputs, self.virtual_batch_size, self._caller)
+        dtype = ops.statistics_dtype(inputs.dtype)
+        gamma, beta = self._gamma_and_beta(dtype)
+        y, stats = dispatch.train(
             inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
             fused=self.fused, synchronized=self.synchronized,
             virtual_batch_size=self.virtual_batch_size, mask=mask,
-            correction=self._renorm_correction(stat_dtype) if self.renorm else None,
-        )
+            correction=self._renorm_correction(dtype) if self.renorm else None,
+            caller=self._caller)
         if self.track_running_stats:
             # Updates after the output: nothing they overwrite is read late.
             with tf.control_dependencies([y]):
                 self._update_statistics(stats)
         return y
+
+    def _infer(self, inputs, axis):
+        dtype = ops.statistics_dtype(inputs.dtype)
+        gamma, beta = self._gamma_and_beta(dtype)
+        if not self.track_running_stats:
+            # PyTorch's track_running_stats=False: batch statistics always.
+            return dispatch.train(
+                inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
+                fused=self.fused, synchronized=self.synchronized,
+                caller=self._caller)[0]
+        return dispatch.infer(
+            inputs, tf.cast(self.moving_mean, dtype), tf.cast(self.moving_variance, dtype),
+            gamma, beta, epsilon=self.epsilon, axis=axis, fused=self.fused,
+            caller=self._caller)
 
     def _update_statistics(self, stats):
         momentum = self.momentum
@@ -534,7 +464,7 @@ class BatchNorm(keras.layers.Layer):
             self.num_batches_tracked.assign_add(tf.cast(accepted, tf.int64))
         if hasattr(self, "renorm_steps"):
             self.renorm_steps.assign_add(1)
-        self._skipped_updates.assign_add(tf.cast(tf.logical_not(accepted), tf.int64))
+        self._refused_batches.assign_add(tf.cast(tf.logical_not(accepted), tf.int64))
 
     def _renorm_correction(self, dtype):
         """Batch renormalization's `f(mean, variance, broadcast) -> (r, d)`.
@@ -543,11 +473,8 @@ class BatchNorm(keras.layers.Layer):
         inside it: read within the custom gradient, Grappler's dependency
         optimizer was seen to let their update overtake the read.
         """
-        # Early in training the renorm stddev may be tiny; sqrt(epsilon) is
-        # the smallest a batch stddev can be.
-        renorm_stddev = tf.maximum(
-            tf.cast(self.renorm_stddev, dtype), tf.sqrt(tf.constant(self.epsilon, dtype)))
         renorm_mean = tf.cast(self.renorm_mean, dtype)
+        renorm_stddev = tf.cast(self.renorm_stddev, dtype)
         step = tf.cast(getattr(self, "renorm_steps", 0), tf.float32)
         # A numeric bound goes straight to the statistics dtype; a float32
         # round trip would move 1.2 by 5e-8 in float64.
@@ -555,50 +482,11 @@ class BatchNorm(keras.layers.Layer):
                   for k, v in self.renorm_clipping.items()}
 
         def correction(mean, variance, broadcast):
-            stddev = tf.sqrt(variance + self.epsilon)
-            r = stddev / broadcast(renorm_stddev)
-            d = (mean - broadcast(renorm_mean)) / broadcast(renorm_stddev)
-            if "rmin" in bounds:
-                r = tf.maximum(r, bounds["rmin"])
-            if "rmax" in bounds:
-                r = tf.minimum(r, bounds["rmax"])
-            if "dmax" in bounds:
-                d = tf.clip_by_value(d, -bounds["dmax"], bounds["dmax"])
-            return r, d
+            return ops.renorm_correction(
+                mean, variance, broadcast(renorm_mean), broadcast(renorm_stddev),
+                self.epsilon, bounds)
 
         return correction
-
-    def _infer(self, inputs, axis):
-        if not self.track_running_stats:
-            # PyTorch's track_running_stats=False: batch statistics always.
-            stat_dtype = ops.statistics_dtype(inputs.dtype)
-            gamma, beta = self._vectors(stat_dtype)
-            return ops.normalize_batch(
-                inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
-                fused=self.fused, synchronized=self.synchronized)[0]
-        stat_dtype = ops.statistics_dtype(inputs.dtype)
-        gamma, beta = self._vectors(stat_dtype)
-        return ops.normalize_inference(
-            inputs, tf.cast(self.moving_mean, stat_dtype),
-            tf.cast(self.moving_variance, stat_dtype), gamma, beta,
-            epsilon=self.epsilon, axis=axis, fused=self.fused)
-
-    def call(self, inputs, training=None, mask=None):
-        inputs, axis = self._check_inputs(inputs)
-        training = ops.check_training(training, self._owner)
-        if not self.trainable:
-            training = False
-        mask = self._check_mask(mask, inputs, training)
-        if isinstance(training, bool):
-            if training:
-                return self._train(inputs, axis, mask)
-            return self._infer(inputs, axis)
-        # A symbolic flag: the update happens only inside the training branch.
-        return tf.cond(
-            training,
-            lambda: self._train(inputs, axis, mask),
-            lambda: self._infer(inputs, axis),
-        )
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -667,43 +555,6 @@ def _sqrt_of(initializer):
     def initialize(shape, dtype=None):
         return tf.sqrt(initializer(shape, dtype=dtype))
     return initialize
-
-
-def _check_virtual_batch_size(value, owner):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
-            f"{owner}: argument `virtual_batch_size` must be None or an "
-            f"integer >= 1; received virtual_batch_size={value!r}."
-        )
-    return int(value)
-
-
-def _check_clipping(clipping, owner):
-    if clipping is None:
-        return {}
-    if not isinstance(clipping, dict) or set(clipping) - set(_CLIPPING_KEYS):
-        raise ValueError(
-            f"{owner}: argument `renorm_clipping` must be a dict with keys "
-            f"among {_CLIPPING_KEYS}; received renorm_clipping={clipping!r}."
-        )
-    for key, value in clipping.items():
-        if callable(value):
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-            raise ValueError(
-                f"{owner}: renorm_clipping[{key!r}] must be a number >= 0, a "
-                "Keras LearningRateSchedule or a callable of the step; "
-                f"received {value!r}."
-            )
-    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
-    if isinstance(rmin, numbers.Real) and isinstance(rmax, numbers.Real) and rmax < rmin:
-        raise ValueError(
-            f"{owner}: renorm_clipping needs rmin <= rmax; received "
-            f"rmin={rmin}, rmax={rmax}."
-        )
-    return dict(clipping)
 
 
 def _serialize_bound(bound):

@@ -27,9 +27,9 @@ def _float32_policy_and_seed():
 def both_paths(request, monkeypatch):
     """Runs a test once on each path: TensorFlow's fused kernel wherever it
     can serve (whatever the speed heuristic would pick), and plain TF ops."""
-    from keras_bn import fused
+    from keras_bn import dispatch
 
-    monkeypatch.setattr(fused, "preferred", lambda x, axis: request.param == "kernel")
+    monkeypatch.setattr(dispatch, "fused_is_faster", lambda x, axis: request.param == "kernel")
     return request.param
 
 

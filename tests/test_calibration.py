@@ -151,7 +151,7 @@ def test_equals_statistics_of_the_activations_in_nested_models(calibration_data)
         np.testing.assert_allclose(mean, a.mean(0), atol=STATS_TOL, rtol=STATS_TOL)
         np.testing.assert_allclose(var, a.var(0), atol=STATS_TOL, rtol=STATS_TOL)
     assert sorted(report.layers) == ["bn_head", "bn_keras", "bn_ours"]
-    assert (report.batches, report.examples, report.skipped) == (4, 50, ())
+    assert (report.batches, report.examples, report.frozen) == (4, 50, ())
 
 
 def test_changes_nothing_but_the_moving_statistics(calibration_data):
@@ -214,9 +214,9 @@ def test_frozen_layers_keep_their_statistics_and_are_reported():
     model.layers[0].moving_mean.assign([7.0, 7.0])
     report = recalibrate(model, SMALL, verbose=0)
     np.testing.assert_array_equal(model.layers[0].moving_mean.numpy(), [7.0, 7.0])
-    assert report.layers == ("free",) and report.skipped == ("frozen",)
+    assert report.layers == ("free",) and report.frozen == ("frozen",)
     assert str(report) == (
-        "recalibrated 1 batch-norm layers over 2 batches (4 examples); skipped 1 frozen")
+        "recalibrated 1 batch-norm layers over 2 batches (4 examples); left 1 frozen alone")
 
 
 def test_progress_bar(capsys):
@@ -286,7 +286,7 @@ def test_batches_refused_by_the_guard_do_not_count():
     recalibrate(model, data, verbose=0)
     np.testing.assert_array_equal(bn.moving_mean.numpy(), [1.0, 3.0])
     np.testing.assert_array_equal(bn.moving_variance.numpy(), [3.0, 12.0])
-    assert bn.skipped_updates == 0  # its counter is restored too
+    assert bn.refused_batches == 0  # its counter is restored too
 
 
 @pytest.mark.parametrize("cls", [BatchNorm, keras.layers.BatchNormalization])

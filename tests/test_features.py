@@ -492,8 +492,8 @@ def test_fully_masked_batch_is_refused_by_the_guard():
          "BatchNorm 'bn': argument `renorm_clipping` needs renorm=True; received "
          "renorm_clipping={'rmax': 2.0} with renorm=False."),
         ({"renorm": True, "renorm_momentum": 2.0},
-         "BatchNorm 'bn' (renorm_momentum): argument `momentum` must be a number in "
-         "[0, 1]; received momentum=2.0."),
+         "BatchNorm 'bn': argument `renorm_momentum` must be a number in "
+         "[0, 1]; received renorm_momentum=2.0."),
     ],
 )
 def test_feature_argument_errors(kwargs, message):

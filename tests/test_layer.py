@@ -186,24 +186,28 @@ def test_registered_serializable_under_package_name():
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "kwargs,error,message",
     [
-        ({"momentum": 1.01},
+        ({"momentum": 1.01}, ValueError,
          "BatchNorm 'bn': argument `momentum` must be a number in [0, 1]; received momentum=1.01."),
-        ({"momentum": -1},
+        ({"momentum": -1}, ValueError,
          "BatchNorm 'bn': argument `momentum` must be a number in [0, 1]; received momentum=-1."),
-        ({"epsilon": 0},
+        ({"epsilon": 0}, ValueError,
          "BatchNorm 'bn': argument `epsilon` must be a finite number > 0; received epsilon=0."),
-        ({"epsilon": -1e-5},
+        ({"epsilon": -1e-5}, ValueError,
          "BatchNorm 'bn': argument `epsilon` must be a finite number > 0; received epsilon=-1e-05."),
-        ({"axis": 1.5},
+        ({"axis": 1.5}, TypeError,
          "BatchNorm 'bn': argument `axis` must be a single integer; received axis=1.5 of type float."),
-        ({"axis": [1, 2]},
+        ({"axis": [1, 2]}, TypeError,
          "BatchNorm 'bn': argument `axis` must be a single integer; received axis=[1, 2] of type list."),
+        ({"momentum": "0.9"}, TypeError,
+         "BatchNorm 'bn': argument `momentum` must be a number in [0, 1]; received "
+         "momentum='0.9' of type str."),
     ],
 )
-def test_constructor_errors(kwargs, message):
-    with pytest.raises(ValueError) as info:
+def test_constructor_errors(kwargs, error, message):
+    # TypeError for a value of the wrong type, ValueError for a wrong value.
+    with pytest.raises(error) as info:
         BatchNorm(name="bn", **kwargs)
     assert str(info.value) == message
 
@@ -383,6 +387,7 @@ def test_fused_true_with_a_mask_fails_at_the_call_and_changes_nothing():
     layer.build((None, 4, 3))
     with pytest.raises(ValueError) as info:
         layer(np.ones((2, 4, 3), np.float32), training=True, mask=np.ones((2, 4), bool))
-    assert ("BatchNorm 'bn': a `mask` needs the TF-ops path, but fused=True requires "
-            "TensorFlow's fused kernel; received a mask with fused=True.") in str(info.value)
+    assert ("BatchNorm 'bn': argument `mask` needs the TF-ops path, but fused=True "
+            "requires TensorFlow's fused kernel; received a mask with fused=True. Pass "
+            "fused=None (the default) or False.") in str(info.value)
     np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(3))

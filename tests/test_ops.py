@@ -249,7 +249,7 @@ ONE = [1.0, 1.0]
          "batch_norm: argument `momentum` must be a number in [0, 1]; received momentum=-0.1."),
         ({"epsilon": 0.0}, ValueError,
          "batch_norm: argument `epsilon` must be a finite number > 0; received epsilon=0.0."),
-        ({"axis": 1.0}, ValueError,
+        ({"axis": 1.0}, TypeError,
          "batch_norm: argument `axis` must be a single integer; received axis=1.0 of type float."),
         ({"axis": 2}, ValueError,
          "batch_norm: argument `axis` must be in [-2, 2) for an input of rank 2; received axis=2."),

@@ -1,5 +1,5 @@
-"""Dispatch to TensorFlow's fused batch-norm kernel (oneDNN/Eigen on CPU,
-cuDNN on GPU) through free reshapes.
+"""The fused kernel: TensorFlow's FusedBatchNormV3 (oneDNN/Eigen on CPU,
+cuDNN on GPU), reached through free reshapes.
 
 `tf.raw_ops.FusedBatchNormV3` reads a half-precision input directly, keeps
 its statistics in float32 and has a registered gradient, so one kernel does
@@ -10,6 +10,8 @@ that without copying memory (see `_kernel_view`).
 
 import tensorflow as tf
 
+from keras_bn import ops
+
 KERNEL_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 
 # cuDNN before 7.5 rejects epsilon below CUDNN_BN_MIN_EPSILON (1e-5, compared
@@ -19,45 +21,18 @@ KERNEL_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 LEGACY_CUDNN_MIN_EPSILON = 1.001e-5
 
 
-def _gpu_visible():
+def gpu_visible():
+    """Whether the kernel runs on cuDNN (a GPU is visible to TensorFlow)."""
     return bool(tf.config.list_logical_devices("GPU"))
 
 
 def min_epsilon():
     """The smallest epsilon the kernel accepts on the visible devices."""
-    if not _gpu_visible():
+    if not gpu_visible():
         return 0.0
     version = str(tf.sysconfig.get_build_info().get("cudnn_version", "0"))
     parts = [int(p) for p in version.split(".")[:2] if p.isdigit()] + [0, 0]
     return 0.0 if tuple(parts[:2]) >= (7, 5) else LEGACY_CUDNN_MIN_EPSILON
-
-
-def in_xla_context():
-    """True while tracing a function compiled with XLA (jit_compile=True).
-
-    Reads TensorFlow's graph context (no public API says this); on any
-    change there it answers False, which only costs speed.
-    """
-    try:
-        from tensorflow.python.ops import control_flow_util
-
-        graph = tf.compat.v1.get_default_graph()
-        return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
-    except Exception:  # pragma: no cover - depends on TF internals
-        return False
-
-
-def preferred(x, axis):
-    """Whether the kernel is the faster choice for a call it can serve.
-
-    Measured on CPU (benchmarks/README.md): the kernel wins everywhere for
-    channels-last data, but its channels-first form is slower than plain TF
-    ops, and under XLA, which fuses plain ops into a loop or two, TF ops win
-    too. On a GPU cuDNN takes either layout natively.
-    """
-    if in_xla_context():
-        return False
-    return axis == x.shape.rank - 1 or _gpu_visible()
 
 
 def unsupported_reason(x, axis, epsilon, training):
@@ -100,7 +75,8 @@ def _kernel_view(x, axis):
     return tf.reshape(x, [before, channels, -1, 1]), "NCHW"
 
 
-def _vectors(gamma, beta, x, axis):
+def _filled(gamma, beta, x, axis):
+    """gamma and beta, ones and zeros where absent: the kernel needs both."""
     channels = tf.shape(x)[axis:axis + 1]
     gamma = tf.ones(channels, tf.float32) if gamma is None else gamma
     beta = tf.zeros(channels, tf.float32) if beta is None else beta
@@ -115,15 +91,15 @@ OFFSET_DOMINATED_RATIO = 1e4
 
 
 def offset_dominated(mean, variance):
-    """Whether the CPU kernel's statistics can't be trusted for this batch.
+    """Per channel, whether the CPU kernel's statistics can't be trusted.
 
     cuDNN accumulates with Welford's method and needs no such check (which
     would also cost a device-to-host sync per layer and step).
     """
-    return tf.reduce_any(tf.square(mean) > OFFSET_DOMINATED_RATIO * variance)
+    return tf.square(mean) > OFFSET_DOMINATED_RATIO * variance
 
 
-def fused_train(x, gamma, beta, epsilon, axis):
+def train(x, gamma, beta, epsilon, axis):
     """Training-mode batch norm by the fused kernel.
 
     On a CPU, a batch whose mean dominates its spread (see
@@ -139,10 +115,10 @@ def fused_train(x, gamma, beta, epsilon, axis):
         gamma, beta: float32 (C,) vectors or None.
 
     Returns:
-        (y, batch_mean, biased_batch_variance); y in x's dtype.
+        (y, BatchStats); y in x's dtype, per-channel float32 statistics.
     """
     view, data_format = _kernel_view(x, axis)
-    gamma, beta = _vectors(gamma, beta, x, axis)
+    gamma, beta = _filled(gamma, beta, x, axis)
     channel_axis = 1 if data_format == "NCHW" else 3
 
     def kernel(view):
@@ -152,16 +128,17 @@ def fused_train(x, gamma, beta, epsilon, axis):
             epsilon=epsilon, exponential_avg_factor=1.0,
             data_format=data_format, is_training=True)
 
+    n = ops.count_over(view, [i for i in range(4) if i != channel_axis], tf.float32)
+
     def biased(out):
         # The kernel reports the Bessel-corrected variance n/(n-1) * var
         # (for TF's own moving average); the semantics here are the biased one.
-        n = tf.cast(tf.size(view, tf.int64) // tf.size(out.batch_mean, tf.int64),
-                    tf.float32)
         return out.batch_variance * ((n - 1.0) / tf.maximum(n, 1.0))
 
-    if _gpu_visible():
+    if gpu_visible():
         out = kernel(view)
-        return tf.reshape(out.y, tf.shape(x)), out.batch_mean, biased(out)
+        return (tf.reshape(out.y, tf.shape(x)),
+                ops.BatchStats(tf.fill(tf.shape(out.batch_mean), n), out.batch_mean, biased(out)))
 
     @tf.custom_gradient
     def train(view, gamma, beta):
@@ -170,17 +147,24 @@ def fused_train(x, gamma, beta, epsilon, axis):
         def shifted():
             shape = [1, 1, 1, 1]
             shape[channel_axis] = -1
-            seen = view - tf.reshape(tf.cast(first.batch_mean, view.dtype), shape)
+            # Only the channels that need it move: subtracting a mean from
+            # values near it is exact (Sterbenz), from others it rounds in a
+            # half-precision input. The shift in the input's dtype is what
+            # is subtracted, and what is added back.
+            shift = tf.where(dominated, first.batch_mean, 0.0)
+            shift = tf.cast(shift, view.dtype)
+            seen = view - tf.reshape(shift, shape)
             out = kernel(seen)
-            return (out.y, seen, first.batch_mean + out.batch_mean, biased(out),
+            return (out.y, seen, tf.cast(shift, tf.float32) + out.batch_mean, biased(out),
                     out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
 
         def plain():
             return (first.y, view, first.batch_mean, biased(first),
                     first.reserve_space_1, first.reserve_space_2, first.reserve_space_3)
 
+        dominated = offset_dominated(first.batch_mean, biased(first))
         y, seen, mean, variance, *reserve = tf.cond(
-            offset_dominated(first.batch_mean, biased(first)), shifted, plain)
+            tf.reduce_any(dominated), shifted, plain)
 
         def backward(dy, *_):
             # What TensorFlow's registered gradient of the kernel computes,
@@ -195,13 +179,13 @@ def fused_train(x, gamma, beta, epsilon, axis):
         return (y, mean, variance), backward
 
     y, mean, variance = train(view, gamma, beta)
-    return tf.reshape(y, tf.shape(x)), mean, variance
+    return tf.reshape(y, tf.shape(x)), ops.BatchStats(tf.fill(tf.shape(mean), n), mean, variance)
 
 
-def fused_infer(x, gamma, beta, mean, variance, epsilon, axis):
+def infer(x, gamma, beta, mean, variance, epsilon, axis):
     """Inference-mode batch norm by the fused kernel; y in x's dtype."""
     view, data_format = _kernel_view(x, axis)
-    gamma, beta = _vectors(gamma, beta, x, axis)
+    gamma, beta = _filled(gamma, beta, x, axis)
     if epsilon < min_epsilon():
         # Same result, epsilon within cuDNN's limit: the kernel adds its
         # epsilon to the variance we hand it, so hand it the difference.

@@ -1,0 +1,294 @@
+"""Every argument and input check, with one message format.
+
+Checks run where an argument enters (a constructor, the public op, a call)
+and raise `"{caller}: argument `name` must ...; received ..."`, `caller`
+being what the user called: `batch_norm`, `BatchNorm 'bn1'`. A value of the
+wrong type raises TypeError, a wrong value of the right type ValueError.
+Each returns the argument in the form the rest of the package uses.
+"""
+
+import numbers
+
+import tensorflow as tf
+
+FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _number(value, name, caller, expected):
+    if not _is_number(value):
+        raise TypeError(
+            f"{caller}: argument `{name}` must be {expected}; received "
+            f"{name}={value!r} of type {type(value).__name__}.")
+
+
+def momentum(value, caller, name="momentum"):
+    """A float in [0, 1]."""
+    _number(value, name, caller, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{caller}: argument `{name}` must be a number in [0, 1]; "
+            f"received {name}={value!r}.")
+    return float(value)
+
+
+def epsilon(value, caller):
+    """A finite float > 0."""
+    _number(value, "epsilon", caller, "a finite number > 0")
+    if not 0.0 < value < float("inf"):
+        raise ValueError(
+            f"{caller}: argument `epsilon` must be a finite number > 0; "
+            f"received epsilon={value!r}.")
+    return float(value)
+
+
+def axis(value, caller):
+    """A single int (negative counts from the end)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{caller}: argument `axis` must be a single integer; received "
+            f"axis={value!r} of type {type(value).__name__}.")
+    return int(value)
+
+
+def fused(value, caller):
+    """None, True or False."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(
+            f"{caller}: argument `fused` must be None, True or False; "
+            f"received fused={value!r}.")
+    return value
+
+
+def virtual_batch_size(value, caller):
+    """None or an int >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{caller}: argument `virtual_batch_size` must be None or an "
+            f"integer >= 1; received virtual_batch_size={value!r}.")
+    if value < 1:
+        raise ValueError(
+            f"{caller}: argument `virtual_batch_size` must be None or an "
+            f"integer >= 1; received virtual_batch_size={value!r}.")
+    return int(value)
+
+
+def renorm_clipping(clipping, renorm, caller):
+    """A dict with keys among rmax, rmin, dmax; each bound a number >= 0,
+    a Keras LearningRateSchedule or a callable of the step."""
+    if clipping is None:
+        return {}
+    if not isinstance(clipping, dict):
+        raise TypeError(
+            f"{caller}: argument `renorm_clipping` must be a dict with keys "
+            f"among {CLIPPING_KEYS}; received renorm_clipping={clipping!r}.")
+    if set(clipping) - set(CLIPPING_KEYS):
+        raise ValueError(
+            f"{caller}: argument `renorm_clipping` must be a dict with keys "
+            f"among {CLIPPING_KEYS}; received renorm_clipping={clipping!r}.")
+    if clipping and not renorm:
+        raise ValueError(
+            f"{caller}: argument `renorm_clipping` needs renorm=True; "
+            f"received renorm_clipping={clipping!r} with renorm=False.")
+    for key, value in clipping.items():
+        if callable(value):
+            continue
+        message = (
+            f"{caller}: renorm_clipping[{key!r}] must be a number >= 0, a "
+            f"Keras LearningRateSchedule or a callable of the step; received "
+            f"{value!r}.")
+        if not _is_number(value):
+            raise TypeError(message)
+        if value < 0:
+            raise ValueError(message)
+    rmin, rmax = clipping.get("rmin"), clipping.get("rmax")
+    if _is_number(rmin) and _is_number(rmax) and rmax < rmin:
+        raise ValueError(
+            f"{caller}: renorm_clipping needs rmin <= rmax; received "
+            f"rmin={rmin}, rmax={rmax}.")
+    return dict(clipping)
+
+
+def fused_conflicts(fused, caller, **options):
+    """fused=True with an option only the TF-ops path computes."""
+    if not fused:
+        return
+    for name, value in options.items():
+        if value not in (None, False):
+            raise ValueError(
+                f"{caller}: argument `{name}` needs the TF-ops path, but "
+                f"fused=True requires TensorFlow's fused kernel; received "
+                f"{name}={value!r} with fused=True. Pass fused=None (the "
+                "default) or False.")
+
+
+def mask_and_fused(fused, caller):
+    """A training-mode mask needs the TF-ops path."""
+    if fused:
+        raise ValueError(
+            f"{caller}: argument `mask` needs the TF-ops path, but fused=True "
+            "requires TensorFlow's fused kernel; received a mask with "
+            "fused=True. Pass fused=None (the default) or False.")
+
+
+def training(value, caller):
+    """A Python bool, or a scalar bool tensor left to `tf.cond`.
+
+    An eager tensor is read at once; only a symbolic one needs both branches.
+    """
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    if tf.is_tensor(value) and value.dtype == tf.bool:
+        if value.shape.rank not in (0, None):
+            raise ValueError(
+                f"{caller}: argument `training` must be a scalar; received a "
+                f"tensor of shape {tuple(value.shape)}.")
+        if not tf.executing_eagerly() or not hasattr(value, "numpy"):
+            return value
+        return bool(value.numpy())
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == ():
+        if str(value.dtype) == "bool":
+            return bool(value)
+    raise TypeError(
+        f"{caller}: argument `training` must be a bool or a scalar bool "
+        f"tensor; received {value!r} of type {type(value).__name__}.")
+
+
+def channel_axis(rank, axis, caller):
+    """`axis` as a non-negative index into a shape of `rank`."""
+    if rank is None:
+        raise ValueError(
+            f"{caller}: the input rank must be known; received an input of "
+            "unknown rank.")
+    if rank < 2:
+        raise ValueError(
+            f"{caller}: expected an input of rank >= 2 (batch and channels); "
+            f"received rank {rank}.")
+    if not -rank <= axis < rank:
+        raise ValueError(
+            f"{caller}: argument `axis` must be in [{-rank}, {rank}) for an "
+            f"input of rank {rank}; received axis={axis}.")
+    return axis % rank
+
+
+def known_channels(input_shape, axis, caller):
+    """The channel count on `axis` of a build-time shape."""
+    input_shape = tuple(input_shape)
+    channels = input_shape[channel_axis(len(input_shape), axis, caller)]
+    if channels is None:
+        raise ValueError(
+            f"{caller}: the channel dimension (axis {axis}) of the input must "
+            f"be known at build time; received input shape {input_shape}.")
+    return int(channels)
+
+
+def float_input(x, caller):
+    """The op's `x`: a tensor of a floating dtype the math supports."""
+    x = tf.convert_to_tensor(x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{caller}: argument `x` must be a float16, bfloat16, float32 or "
+            f"float64 tensor; received dtype {x.dtype.name}.")
+    return x
+
+
+def layer_input(inputs, channels, axis, compute_dtype, caller):
+    """A layer's input as a dense real tensor with `channels` on `axis`.
+
+    Integer and bool inputs are cast to `compute_dtype`, as in Keras's
+    layer. Returns (inputs, non-negative axis).
+    """
+    if isinstance(inputs, tf.RaggedTensor):
+        raise TypeError(
+            f"{caller}: expected a dense tensor; received a RaggedTensor. Pad "
+            "it with `x.to_tensor()` and pass `mask=` to keep the padding out "
+            "of the batch statistics.")
+    if isinstance(inputs, tf.SparseTensor):
+        raise TypeError(
+            f"{caller}: expected a dense tensor; received a SparseTensor. "
+            "Convert it with `tf.sparse.to_dense(x)` first.")
+    inputs = tf.convert_to_tensor(inputs)
+    message = (f"{caller} was built for {channels} channels on axis {axis}; "
+               "received an input with")
+    axis = channel_axis(inputs.shape.rank, axis, caller)
+    received = inputs.shape[axis]
+    if received is not None and received != channels:
+        raise ValueError(
+            f"{message} {received} channels (shape {tuple(inputs.shape)}).")
+    if received is None:
+        # Known only at run time (a traced [None, None] signature).
+        with tf.control_dependencies([tf.debugging.assert_equal(
+                tf.shape(inputs)[axis], channels,
+                message=f"{message} another number of channels.")]):
+            inputs = tf.identity(inputs)
+    if not inputs.dtype.is_floating:
+        if inputs.dtype != tf.bool and not inputs.dtype.is_integer:
+            raise TypeError(
+                f"{caller}: expected a real-valued (float, integer or bool) "
+                f"input tensor; received dtype {inputs.dtype.name}.")
+        inputs = tf.cast(inputs, compute_dtype)
+    return inputs, axis
+
+
+def vector(value, name, channels, dtype, caller):
+    """A (C,) parameter of the op as a `dtype` tensor, or None."""
+    if value is None:
+        return None
+    value = tf.convert_to_tensor(value, dtype_hint=dtype)
+    if not value.dtype.is_floating:
+        raise TypeError(
+            f"{caller}: argument `{name}` must be floating-point; received "
+            f"dtype {value.dtype.name}.")
+    if value.shape.rank != 1 or (
+            channels is not None and value.shape[0] is not None
+            and value.shape[0] != channels):
+        raise ValueError(
+            f"{caller}: argument `{name}` must have shape ({channels},) to "
+            f"match the {channels} channels of `x`; received shape "
+            f"{tuple(value.shape)}.")
+    return tf.cast(value, dtype)
+
+
+def mask(value, inputs, caller):
+    """A mask with Keras's conventions, as a bool tensor of the input's rank.
+
+    It must broadcast to the input, or do so once given back the last axis
+    that Keras's masks lack (`Masking`, `Embedding(mask_zero=True)`),
+    whatever the channel axis is.
+    """
+    value = tf.convert_to_tensor(value)
+    received = tuple(value.shape)
+    rank = inputs.shape.rank
+    if value.shape.rank == rank - 1:
+        value = tf.expand_dims(value, -1)
+    if value.shape.rank != rank or not all(
+            m in (1, None) or d is None or m == d
+            for m, d in zip(value.shape, inputs.shape)):
+        raise ValueError(
+            f"{caller}: argument `mask` must broadcast to the input's shape "
+            f"{tuple(inputs.shape)}, or do so once given a last axis of size "
+            f"1 (Keras's masks lack the last axis); received shape {received}.")
+    return tf.cast(value, tf.bool)
+
+
+def batch_multiple(inputs, virtual_batch_size, caller):
+    """The input, checked to split into ghost batches of the given size."""
+    v = virtual_batch_size
+    message = (f"{caller}: the batch size must be a multiple of "
+               f"virtual_batch_size={v}; received")
+    batch = inputs.shape[0]
+    if batch is not None:
+        if batch % v:
+            raise ValueError(f"{message} a batch of {batch}.")
+        return inputs
+    with tf.control_dependencies([tf.debugging.assert_equal(
+            tf.shape(inputs)[0] % v, 0, message=f"{message} another size.")]):
+        return tf.identity(inputs)

@@ -1,0 +1,199 @@
+"""The TF-ops kernel: training-mode batch norm from plain TensorFlow ops.
+
+It serves every case the fused kernel can't (float64, ghost batches,
+masks, renormalization, statistics synchronized across replicas) and the
+ones where it is faster (channels-first on a CPU, under XLA). The backward
+pass is written by hand and is itself differentiable, to any order.
+"""
+
+import tensorflow as tf
+
+from keras_bn import distributed
+from keras_bn import ops
+
+
+def _attached(value, x, vjp):
+    """`value`, as a function of `x` whose derivative is `vjp`.
+
+    The backward pass below is built from the batch statistics of the
+    forward pass. Written as constants, an outer tape would see them as
+    independent of x and get every second derivative wrong (Hessian-vector
+    products, gradient penalties); attached this way it differentiates
+    through them exactly, at no cost to a first-order step.
+    """
+    @tf.custom_gradient
+    def attach(x):
+        return tf.identity(value), vjp
+    return attach(x)
+
+
+def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
+          virtual_batch_size=None, mask=None, correction=None,
+          short_axis_plain=False):
+    """Training-mode batch norm from TF ops, with a lean custom gradient.
+
+    The backward pass keeps only x, the mean and the inverse std (not the
+    normalized tensor) and needs two per-channel sums, sum(dy) and
+    sum(dy * (x - mean)), reduced side by side so that XLA fuses them into
+    one pass over dy and x. Gradients of any order are exact: the backward
+    pass reads the statistics through `_attached`, which gives an outer tape
+    their derivatives with respect to x.
+
+    Args:
+        replica_ctx: statistics of the global batch across replicas (one
+            all-reduce forward, one backward, each of a few (C,) vectors).
+        virtual_batch_size: statistics per consecutive sub-batch of this
+            many examples along axis 0 (ghost batch normalization).
+        mask: bool tensor broadcastable to x: positions that count in the
+            statistics (all positions are normalized).
+        correction: `f(mean, variance, broadcast) -> (r, d)` giving batch
+            renormalization's factors (constants for the gradient):
+            y = gamma * (x_hat * r + d) + beta. `mean` and `variance` keep
+            their reduced dimensions; `broadcast` reshapes a (C,) vector
+            to match them.
+        short_axis_plain: see `ops.staged_moments`.
+
+    Returns:
+        (y, BatchStats); y in x's dtype, statistics in
+        `statistics_dtype(x.dtype)` carrying no gradient: per channel, or
+        with ghost batches the mean over sub-batches.
+    """
+    stat_dtype = ops.statistics_dtype(x.dtype)
+    has_gamma, has_beta = gamma is not None, beta is not None
+    rank = x.shape.rank
+    x_shape = tf.shape(x)
+    weights = None
+    if mask is not None:
+        # Broadcast in full: a mask of size 1 along a reduced axis still
+        # counts every position there.
+        weights = tf.broadcast_to(tf.cast(mask, stat_dtype), x_shape)
+    if virtual_batch_size is not None:
+        # [N, ...] -> [G, v, ...]: sub-batch g holds examples g*v .. g*v+v-1.
+        ghost_shape = tf.concat([[-1, virtual_batch_size], x_shape[1:]], 0)
+        view = lambda t: tf.reshape(t, ghost_shape)  # noqa: E731
+        per_group = {0, axis + 1}
+        rank += 1
+        axis += 1
+    else:
+        view = lambda t: t  # noqa: E731
+        per_group = {axis}
+    axes = [i for i in range(rank) if i not in per_group]
+    w = None if weights is None else view(weights)
+
+    def stats_of(xs):
+        if w is not None:
+            return ops.weighted_moments(xs, axes, w)
+        mean, variance = ops.staged_moments(xs, axes, short_axis_plain)
+        return tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype)), mean, variance
+
+    def broadcast(v):
+        return v if v.shape.rank == rank else ops.per_channel(v, rank, axis)
+
+    def total(t):
+        """A per-channel cotangent summed over replicas: every replica's
+        loss depends on this replica's x through the global statistics."""
+        return t if replica_ctx is None else distributed.all_sum(replica_ctx, t)
+
+    def masked(t):
+        return t if w is None else t * w
+
+    @tf.custom_gradient
+    def forward(x, *params):
+        xs = view(tf.cast(x, stat_dtype))
+        count, mean, variance = stats_of(xs)
+        if replica_ctx is not None:
+            shape = tf.shape(mean)
+            count, mean, variance = distributed.replica_moments(
+                replica_ctx, tf.reshape(count, [-1]), tf.reshape(mean, [-1]),
+                tf.reshape(variance, [-1]), ops.merge_moments)
+            count, mean, variance = (tf.reshape(t, shape) for t in (count, mean, variance))
+        mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+        inv = tf.math.rsqrt(variance + tf.constant(epsilon, stat_dtype))
+        n = tf.maximum(count, 1.0)
+        r = d = None
+        if correction is not None:
+            r, d = (tf.stop_gradient(t) for t in correction(mean, variance, broadcast))
+
+        # The statistics as functions of x, for the backward pass (see
+        # `_attached`); each derivative reads the others the same way, so
+        # every order is exact.
+        def xs_of(x):
+            return _attached(xs, x, lambda g: tf.cast(tf.reshape(g, x_shape), x.dtype))
+
+        def mean_of(x):
+            # d mean / dx = w / n, spread over every position that counts.
+            return _attached(mean, x, lambda g: to_x(
+                masked(tf.broadcast_to(total(g) / n, tf.shape(xs)))))
+
+        def inv_of(x):
+            def vjp(g):
+                # d inv = -inv^3 / 2 * d var, d var / dx = 2 w (x - mean) / n
+                inv_x = inv_of(x)
+                return to_x(masked(-total(g) * inv_x * inv_x * inv_x / n
+                                   * (xs_of(x) - mean_of(x))))
+            return _attached(inv, x, vjp)
+
+        def to_x(t):
+            return tf.cast(tf.reshape(t, x_shape), x.dtype)
+
+        def affine(inv, params):
+            g = broadcast(params[0]) if has_gamma else None
+            b = broadcast(params[-1]) if has_beta else None
+            scale = inv if r is None else inv * r
+            scale = scale if g is None else scale * g
+            offset = None if d is None else (d if g is None else d * g)
+            if b is not None:
+                offset = b if offset is None else offset + b
+            return scale, offset
+
+        scale, offset = affine(inv, params)
+        # With batch statistics the input is centred first: x * a + b would
+        # cancel two large terms when |mean| >> std and lose digits.
+        y = (xs - mean) * scale
+        if offset is not None:
+            y = y + offset
+
+        def backward(dy, *_):
+            dy = view(tf.cast(dy, stat_dtype))
+            inv_x = inv_of(x)
+            centered = xs_of(x) - mean_of(x)
+            scale, _ = affine(inv_x, params)
+            sum_dy = ops.staged(tf.reduce_sum, dy, axes)
+            sum_dy_centered = ops.staged(tf.reduce_sum, dy * centered, axes)
+            # gamma and beta get this replica's share (the optimizer sums
+            # replicas); x sees every replica's outputs through the stats.
+            grads = []
+            if has_gamma:
+                # multiply_no_nan: an empty batch has sums of 0 but a NaN
+                # inverse std, and its gradient is 0, not NaN.
+                grad_gamma = tf.math.multiply_no_nan(
+                    inv_x if r is None else inv_x * r, sum_dy_centered)
+                if d is not None:
+                    grad_gamma = grad_gamma + tf.math.multiply_no_nan(d, sum_dy)
+                grads.append(_to_vector(grad_gamma, per_group, axis))
+            if has_beta:
+                grads.append(_to_vector(sum_dy, per_group, axis))
+            if replica_ctx is not None:
+                sums = distributed.all_sum(
+                    replica_ctx, tf.stack([sum_dy, sum_dy_centered]))
+                sum_dy, sum_dy_centered = sums[0], sums[1]
+            dx = scale * (dy - masked(
+                sum_dy / n + centered * (inv_x * inv_x) * (sum_dy_centered / n)))
+            return (to_x(dx), *grads)
+
+        y = tf.cast(tf.reshape(y, x_shape), x.dtype)
+        return (y, count, mean, variance), backward
+
+    params = [p for p in (gamma, beta) if p is not None]
+    y, count, mean, variance = forward(x, *params)
+    # Moving statistics follow the mean over sub-batches with ghost batches.
+    count, mean, variance = (
+        _to_vector(t, per_group, axis, tf.reduce_mean) for t in (count, mean, variance))
+    return y, ops.BatchStats(count, mean, variance)
+
+
+def _to_vector(t, per_group, axis, reduce=tf.reduce_sum):
+    """A keepdims statistic -> (C,), reducing a ghost-batch axis 0 if any."""
+    if 0 in per_group and axis != 0:
+        t = reduce(t, 0, keepdims=True)
+    return tf.reshape(t, [-1])
