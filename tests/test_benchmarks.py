@@ -47,3 +47,30 @@ def test_fold_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
     (row,) = data["results"]
     assert row["batch"] == 2 and row["unfolded_ms"] > 0 and row["folded_ms"] > 0
     assert row["speedup"] == pytest.approx(row["unfolded_ms"] / row["folded_ms"])
+
+
+@pytest.mark.slow
+def test_model_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
+    out = tmp_path / "models.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_models.py"),
+         "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| model | policy | BNs | train ms Keras |" in result.stdout
+    data = json.loads(out.read_text())
+    environment = data["environment"]
+    for key in ("cpu", "cpu_count", "python", "tensorflow", "keras"):
+        assert environment[key]
+    assert data["settings"]["batch"] == 4 and data["settings"]["repeats"] == 1
+    (row,) = data["results"]
+    assert (row["model"], row["policy"], row["batch_norms"]) == (
+        "MobileNetV2_0.35", "float32", 52)
+    # The converted model computes what Keras's does.
+    assert row["max_output_difference"] < 1e-4
+    for name in ("train_step_ms", "predict_ms", "first_step_s", "peak_rss_mib"):
+        assert row[name]["keras"] > 0 and row[name]["keras_bn"] > 0
+        ratio = name.rsplit("_", 1)[0] + "_ratio"
+        assert row[ratio] == pytest.approx(row[name]["keras_bn"] / row[name]["keras"])
