@@ -1,0 +1,96 @@
+"""Runs bench_layers.py for two git revisions of keras_bn, case by case in turn.
+
+A change to a hot path is judged against the code before it: this checks
+out `--before` (default: HEAD) into a temporary worktree and, for each case
+of the layer benchmark, runs that revision's keras_bn and then the working
+tree's, each in its own process, so that drift in the machine's speed hits
+both alike. Keras's layer runs in both processes as the shared yardstick:
+the table compares keras_bn's ms and its ratio to Keras, before and after.
+
+    python benchmarks/compare_revisions.py --before 6a17f52 --json cmp.json
+    python benchmarks/compare_revisions.py --modes train_step --jit off
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from bench_layers import SHAPES  # noqa: E402
+
+
+def _run(package_root, case, args, out):
+    """bench_layers.py with `package_root`'s keras_bn first on the path."""
+    command = [sys.executable, os.path.join(HERE, "bench_layers.py"), "--cases", case,
+               "--json", out, "--jit", args.jit, "--modes", args.modes,
+               "--repeats", str(args.repeats)]
+    if args.dtypes:
+        command += ["--dtypes", args.dtypes]
+    env = dict(os.environ, PYTHONPATH=package_root, TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    with open(out) as f:
+        return json.load(f)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="HEAD", help="git revision to compare against")
+    parser.add_argument("--json", help="write both runs and the comparison here")
+    parser.add_argument("--jit", default="off,on")
+    parser.add_argument("--modes", default="inference,train_forward,train_step")
+    parser.add_argument("--dtypes", default=None)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cases", default=",".join(SHAPES))
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        before_root = os.path.join(tmp, "before")
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", before_root,
+                        args.before], check=True, capture_output=True)
+        try:
+            runs = {"before": [], "after": []}
+            for case in args.cases.split(","):
+                for label, root in (("before", before_root), ("after", ROOT)):
+                    data = _run(root, case, args, os.path.join(tmp, f"{label}.json"))
+                    runs[label].append(data)
+                    environment = data["environment"]
+        finally:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", before_root],
+                           check=False, capture_output=True)
+
+    rows = []
+    header = (f"{'case':<26} {'dtype':<8} {'jit':<4} {'mode':<14} {'before ms':>9} "
+              f"{'after ms':>9} {'after/before':>12} {'ratio to Keras before':>22} "
+              f"{'after':>6}")
+    print(header)
+    print("-" * len(header))
+    for before, after in zip(runs["before"], runs["after"]):
+        for b, a in zip(before["results"], after["results"]):
+            row = {
+                "case": a["case"], "dtype": a["dtype"], "jit_compile": a["jit_compile"],
+                "mode": a["mode"], "before_ms": b["ms"]["keras_bn"],
+                "after_ms": a["ms"]["keras_bn"],
+                "after_over_before": a["ms"]["keras_bn"] / b["ms"]["keras_bn"],
+                "ratio_to_keras_before": b["ratio_to_keras"],
+                "ratio_to_keras_after": a["ratio_to_keras"],
+            }
+            rows.append(row)
+            print(f"{row['case']:<26} {row['dtype']:<8} "
+                  f"{'on' if row['jit_compile'] else 'off':<4} {row['mode']:<14} "
+                  f"{row['before_ms']:>9.2f} {row['after_ms']:>9.2f} "
+                  f"{row['after_over_before']:>12.3f} {row['ratio_to_keras_before']:>22.2f} "
+                  f"{row['ratio_to_keras_after']:>6.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment, "before": args.before,
+                       "repeats": args.repeats, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
