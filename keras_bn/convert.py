@@ -45,13 +45,24 @@ _OVERRIDABLE = tuple(
 )
 
 
+# keras.layers.BatchNormalization has renorm from Keras 3.14 on; before,
+# its layers are renorm=False ones and take no renorm arguments.
+_KERAS_RENORM = "renorm" in inspect.signature(
+    keras.layers.BatchNormalization.__init__).parameters
+_RENORM_ARGUMENTS = ("renorm", "renorm_momentum", "renorm_clipping")
+
+
 def _layer_arguments(layer):
     """The arguments shared by both batch norms, read from either."""
-    arguments = {name: getattr(layer, name) for name in _SHARED_ARGUMENTS}
+    arguments = {name: getattr(layer, name) for name in _SHARED_ARGUMENTS
+                 if name not in _RENORM_ARGUMENTS}
+    renorm = getattr(layer, "renorm", False)
+    arguments["renorm"] = renorm
+    arguments["renorm_momentum"] = getattr(layer, "renorm_momentum", 0.99)
     # Keras keeps whatever clipping it was given while renorm is off;
     # BatchNorm refuses clipping without renorm.
     arguments["renorm_clipping"] = (
-        dict(layer.renorm_clipping or {}) if layer.renorm else None
+        dict(layer.renorm_clipping or {}) if renorm else None
     )
     arguments.update(
         name=layer.name, trainable=layer.trainable, dtype=layer.dtype_policy
@@ -312,7 +323,16 @@ def to_keras(model):
     def convert(layer):
         if type(layer) is BatchNorm:
             _check_options(layer)
-            return keras.layers.BatchNormalization(**_layer_arguments(layer))
+            arguments = _layer_arguments(layer)
+            if not _KERAS_RENORM:
+                if arguments["renorm"]:
+                    raise _unsupported(
+                        layer, "renorm", "False (keras.layers.BatchNormalization "
+                        f"has renorm from Keras 3.14; this is {keras.__version__})",
+                        True)
+                for name in _RENORM_ARGUMENTS:
+                    del arguments[name]
+            return keras.layers.BatchNormalization(**arguments)
         if type(layer).__module__.split(".")[0] == "keras_bn":
             raise ValueError(
                 f"to_keras: argument `model` must hold no keras_bn layer but "

@@ -11,6 +11,7 @@ that without copying memory (see `_kernel_view`).
 import tensorflow as tf
 
 from keras_bn import ops
+from keras_bn import private_api
 
 KERNEL_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 
@@ -151,7 +152,7 @@ def train(x, gamma, beta, epsilon, axis):
             # values near it is exact (Sterbenz), from others it rounds in a
             # half-precision input. The shift in the input's dtype is what
             # is subtracted, and what is added back.
-            shift = tf.where(dominated, first.batch_mean, 0.0)
+            shift = tf.stop_gradient(tf.where(dominated, first.batch_mean, 0.0))
             shift = tf.cast(shift, view.dtype)
             seen = view - tf.reshape(shift, shape)
             out = kernel(seen)
@@ -163,8 +164,15 @@ def train(x, gamma, beta, epsilon, axis):
                     first.reserve_space_1, first.reserve_space_2, first.reserve_space_3)
 
         dominated = offset_dominated(first.batch_mean, biased(first))
-        y, seen, mean, variance, *reserve = tf.cond(
-            tf.reduce_any(dominated), shifted, plain)
+        if private_api.in_xla_context():
+            # XLA before TF 2.20 differentiates the tf.cond below into NaN
+            # (twice, from the first pass's E[x^2] - E[x]^2 variance); the
+            # shifted pass is exact for every channel (it shifts the others
+            # by zero), so take it unconditionally there.
+            y, seen, mean, variance, *reserve = shifted()
+        else:
+            y, seen, mean, variance, *reserve = tf.cond(
+                tf.reduce_any(dominated), shifted, plain)
 
         def backward(dy, *_):
             # What TensorFlow's registered gradient of the kernel computes,

@@ -10,17 +10,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_layer_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
-    out = tmp_path / "bench.json"
+def run_script(name, *args, timeout=300):
+    """benchmarks/NAME with ARGS in a fresh process; its stdout once it succeeded."""
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_layers.py"),
-         "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "ratio" in result.stdout and "bn/copy" in result.stdout
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_layer_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    stdout = run_script("bench_layers.py", "--quick", "--json", str(out))
+    assert "ratio" in stdout and "bn/copy" in stdout
     data = json.loads(out.read_text())
     assert data["environment"]["tensorflow"]
     # 3 quick shapes x 2 dtypes x 2 jit settings x 3 modes.
@@ -33,14 +38,8 @@ def test_layer_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
 @pytest.mark.slow
 def test_fold_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
     out = tmp_path / "fold.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "fold_benchmark.py"),
-         "--quick", "--batches", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "| batch | unfolded ms | folded ms | speed-up |" in result.stdout
+    stdout = run_script("fold_benchmark.py", "--quick", "--batches", "2", "--json", str(out))
+    assert "| batch | unfolded ms | folded ms | speed-up |" in stdout
     data = json.loads(out.read_text())
     assert data["environment"]["tensorflow"] and data["environment"]["cpu"]
     assert data["max_output_difference"] < 1e-3
@@ -52,14 +51,8 @@ def test_fold_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
 @pytest.mark.slow
 def test_model_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
     out = tmp_path / "models.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_models.py"),
-         "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "| model | policy | BNs | train ms Keras |" in result.stdout
+    stdout = run_script("bench_models.py", "--quick", "--json", str(out), timeout=600)
+    assert "| model | policy | BNs | train ms Keras |" in stdout
     data = json.loads(out.read_text())
     environment = data["environment"]
     for key in ("cpu", "cpu_count", "python", "tensorflow", "keras"):

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from keras_bn import BatchNorm
 from keras_bn import recalibrate
+from tests.model_helpers import needs_keras_renorm
 
 # The statistics come from float32 forward passes over O(1) activations and
 # are pooled in float64; 1e-4 covers float32 rounding of the activations.
@@ -289,7 +290,8 @@ def test_batches_refused_by_the_guard_do_not_count():
     assert bn.refused_batches == 0  # its counter is restored too
 
 
-@pytest.mark.parametrize("cls", [BatchNorm, keras.layers.BatchNormalization])
+@pytest.mark.parametrize("cls", [BatchNorm, pytest.param(
+    keras.layers.BatchNormalization, marks=needs_keras_renorm)])
 def test_renorm_layers_are_recalibrated(cls):
     # Ours and Keras's: the population mean and variance, and the moving
     # stddev inference divides by, sqrt(variance + epsilon), with them.

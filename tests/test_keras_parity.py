@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_bn import BatchNorm
+from tests.model_helpers import needs_keras_renorm
 from tests.reference import random_params
 
 # The core suite runs on both paths: the fused kernel and plain TF ops.
@@ -75,6 +76,7 @@ def test_weights_transfer_between_layers_in_both_directions():
     np.testing.assert_array_equal(fresh.moving_variance.numpy(), theirs.moving_variance.numpy())
 
 
+@needs_keras_renorm
 @pytest.mark.parametrize("clipping", [None, {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}])
 def test_renorm_matches_keras_weights_outputs_and_train_inference_gap(clipping):
     # Batch Renormalization as in the paper and Keras 3: the same seven

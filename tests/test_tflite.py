@@ -121,5 +121,7 @@ def test_folded_model_converts_to_the_ops_without_batch_norm(tmp_path):
         keras.layers.Dense(5),
     )
     extra, missing = _extra_ops(keras_bn.fold_batch_norms(model), baseline, tmp_path)
-    assert extra == collections.Counter({"MUL": 1, "ADD": 1})  # the ChannelAffine
+    # The ChannelAffine: at most one MUL and one ADD (TF 2.16 and 2.17's
+    # converters fold even those into the next layer).
+    assert set(extra) <= {"MUL", "ADD"} and max(extra.values(), default=0) <= 1, extra
     assert not missing, missing
