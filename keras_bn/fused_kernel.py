@@ -142,7 +142,7 @@ def train(x, gamma, beta, epsilon, axis):
                 ops.BatchStats(tf.fill(tf.shape(out.batch_mean), n), out.batch_mean, biased(out)))
 
     @tf.custom_gradient
-    def train(view, gamma, beta):
+    def normalize(view, gamma, beta):
         first = kernel(view)
 
         def shifted():
@@ -186,7 +186,7 @@ def train(x, gamma, beta, epsilon, axis):
 
         return (y, mean, variance), backward
 
-    y, mean, variance = train(view, gamma, beta)
+    y, mean, variance = normalize(view, gamma, beta)
     return tf.reshape(y, tf.shape(x)), ops.BatchStats(tf.fill(tf.shape(mean), n), mean, variance)
 
 
