@@ -207,7 +207,7 @@ def test_non_finite_training_batch_is_refused_by_the_guard(fused, bad):
     x[2, 0] = bad
     y = layer(x, training=True).numpy()
     _assert_untouched(layer, before)  # every channel, not just channel 0
-    assert layer.skipped_updates == 1
+    assert layer.refused_batches == 1
     # Documented: the output is what the math gives; channel 0's statistics
     # are not finite, the other channels are normalized as usual.
     assert not np.isfinite(y[:, 0]).any()
@@ -236,7 +236,7 @@ def test_empty_batch_is_refused_by_the_guard(fused, shape):
     y = layer(tf.zeros(shape), training=True)
     assert y.shape == shape
     _assert_untouched(layer, before)
-    assert layer.skipped_updates == 1
+    assert layer.refused_batches == 1
     assert layer(tf.zeros(shape), training=False).shape == shape
 
 
@@ -251,7 +251,7 @@ def test_batch_of_one_is_its_own_mean(fused):
     np.testing.assert_allclose(layer.moving_mean, 0.5 * params[2] + 0.5 * x.ravel(),
                                rtol=F32_TOL)
     np.testing.assert_allclose(layer.moving_variance, 0.5 * params[3], rtol=F32_TOL)
-    assert layer.skipped_updates == 0
+    assert layer.refused_batches == 0
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -264,7 +264,7 @@ def test_float32_values_beyond_float16_overflow_in_a_mixed_float16_layer(fused):
     assert y.dtype == tf.float16
     assert not np.isfinite(y.numpy()[:, 0]).any()
     _assert_untouched(layer, before)
-    assert layer.skipped_updates == 1
+    assert layer.refused_batches == 1
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -278,7 +278,7 @@ def test_float16_values_whose_variance_overflows_float16(fused):
                                atol=2e-3)  # float16 rounding of +-(1 - 1e-5 / var)
     np.testing.assert_allclose(layer.moving_mean, [0.0, 1.0], atol=F32_TOL)
     np.testing.assert_allclose(layer.moving_variance, [0.5 + 0.5 * 3.6e9, 1.0], rtol=F32_TOL)
-    assert layer.skipped_updates == 0
+    assert layer.refused_batches == 0
     # In inference the float32 moving variance 1.8e9 scales a float16 input.
     y = layer(x, training=False)
     np.testing.assert_allclose(tf.cast(y, tf.float32)[:, 0], [6e4 / np.sqrt(1.8e9),

@@ -296,7 +296,7 @@ def test_unbiased_with_one_value_per_channel_skips_the_update():
     layer, params = _layer(2, unbiased_moving_variance=True)
     layer(np.ones((1, 2), np.float32), training=True)
     np.testing.assert_array_equal(layer.moving_variance.numpy(), params[3])
-    assert layer.skipped_updates == 1
+    assert layer.refused_batches == 1
 
 
 # --- bad-batch guard ------------------------------------------------------
@@ -318,10 +318,10 @@ def test_guard_leaves_moving_stats_exactly_as_they_were(mode, bad):
     assert y.shape == x.shape  # the output is whatever the math gives
     for a, b in zip(layer.get_weights(), before):
         np.testing.assert_array_equal(a, b)
-    assert layer.skipped_updates == 1
+    assert layer.refused_batches == 1
     good = np.random.RandomState(13).normal(0.0, 1.0, (4, 2, 3)).astype(np.float32)
     run(good)
-    assert layer.skipped_updates == 1
+    assert layer.refused_batches == 1
     assert not np.array_equal(layer.moving_mean.numpy(), before[2])
 
 
@@ -329,7 +329,7 @@ def test_guard_off_lets_nan_through_and_counts_nothing():
     layer, _ = _layer(2, guard_bad_batches=False)
     layer(np.array([[np.nan, 1.0], [2.0, 3.0]], np.float32), training=True)
     assert np.isnan(layer.moving_mean.numpy()[0])
-    assert layer.skipped_updates == 0
+    assert layer.refused_batches == 0
 
 
 def test_guard_protects_cumulative_and_renorm_statistics():
@@ -353,7 +353,7 @@ def test_batch_of_one_value_per_channel_is_allowed():
     np.testing.assert_allclose(y, [params[1]], atol=F32_TOL)  # x - mean = 0: y = beta
     np.testing.assert_allclose(layer.moving_mean, 0.5 * params[2] + 0.5 * x[0], rtol=F32_TOL)
     np.testing.assert_allclose(layer.moving_variance, 0.5 * params[3], rtol=F32_TOL)
-    assert layer.skipped_updates == 0
+    assert layer.refused_batches == 0
 
 
 # --- masks ----------------------------------------------------------------
@@ -464,7 +464,7 @@ def test_fully_masked_batch_is_refused_by_the_guard():
     layer, params = _layer(3, shape=(None, 5, 3))
     layer(np.ones((2, 5, 3), np.float32), training=True, mask=np.zeros((2, 5), bool))
     np.testing.assert_array_equal(layer.moving_mean.numpy(), params[2])
-    assert layer.skipped_updates == 1
+    assert layer.refused_batches == 1
 
 
 # --- configuration --------------------------------------------------------

@@ -279,7 +279,7 @@ def test_op_and_layer_agree_over_batches_including_bad_ones():
         np.testing.assert_allclose(y_op, y_layer, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(mean, layer.moving_mean.numpy())
         np.testing.assert_array_equal(var, layer.moving_variance.numpy())
-    assert np.isfinite(mean).all() and layer.skipped_updates == 2
+    assert np.isfinite(mean).all() and layer.refused_batches == 2
 
 
 # --- PyTorch's running-statistics modes ------------------------------------
@@ -362,7 +362,7 @@ def test_layer_built_inside_a_tf_function_trains():
     step(x)
     step(x)
     np.testing.assert_allclose(layer.moving_mean.numpy(), [2.25])
-    assert layer.skipped_updates == 0 and len(layer.get_weights()) == 4
+    assert layer.refused_batches == 0 and len(layer.get_weights()) == 4
 
 
 # --- conflicts caught at construction --------------------------------------
@@ -391,3 +391,11 @@ def test_fused_true_with_a_mask_fails_at_the_call_and_changes_nothing():
             "requires TensorFlow's fused kernel; received a mask with fused=True. Pass "
             "fused=None (the default) or False.") in str(info.value)
     np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(3))
+
+
+def test_skipped_updates_is_the_old_name_of_refused_batches():
+    # 0.1.0 called the guard's counter `skipped_updates`; it still answers.
+    layer = BatchNorm()
+    layer.build((None, 2))
+    layer(np.full((3, 2), np.nan, np.float32), training=True)
+    assert layer.refused_batches == layer.skipped_updates == 1
