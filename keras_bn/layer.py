@@ -440,10 +440,14 @@ class BatchNorm(keras.layers.Layer):
             stats, unbiased=self.unbiased_moving_variance,
             guard=self.guard_bad_batches)
 
-        def update(variable, value, momentum=momentum):
-            old = tf.cast(variable, value.dtype)
-            new = ops.update_moving(old, value, momentum)
+        def assign(variable, new):
+            # A refused batch leaves the variable's exact bits.
+            old = tf.cast(variable, new.dtype)
             variable.assign(tf.cast(ops.kept_unless(accepted, old, new), variable.dtype))
+
+        def update(variable, value, momentum=momentum):
+            new = ops.update_moving(tf.cast(variable, value.dtype), value, momentum)
+            assign(variable, new)
             return new
 
         update(self.moving_mean, mean)
@@ -451,10 +455,7 @@ class BatchNorm(keras.layers.Layer):
             # Inference follows a moving stddev, as the paper and Keras do;
             # the moving variance is derived from it (never negative).
             stddev = update(self.moving_stddev, tf.sqrt(variance + self.epsilon))
-            derived = tf.nn.relu(tf.square(stddev) - self.epsilon)
-            self.moving_variance.assign(tf.cast(ops.kept_unless(
-                accepted, tf.cast(self.moving_variance, derived.dtype), derived),
-                self.moving_variance.dtype))
+            assign(self.moving_variance, tf.nn.relu(tf.square(stddev) - self.epsilon))
             update(self.renorm_mean, stats.mean, self.renorm_momentum)
             update(self.renorm_stddev, tf.sqrt(stats.variance + self.epsilon),
                    self.renorm_momentum)
