@@ -68,14 +68,12 @@ def virtual_batch_size(value, caller):
     """None or an int >= 1."""
     if value is None:
         return None
+    message = (f"{caller}: argument `virtual_batch_size` must be None or an "
+               f"integer >= 1; received virtual_batch_size={value!r}.")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{caller}: argument `virtual_batch_size` must be None or an "
-            f"integer >= 1; received virtual_batch_size={value!r}.")
+        raise TypeError(message)
     if value < 1:
-        raise ValueError(
-            f"{caller}: argument `virtual_batch_size` must be None or an "
-            f"integer >= 1; received virtual_batch_size={value!r}.")
+        raise ValueError(message)
     return int(value)
 
 
