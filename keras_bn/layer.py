@@ -440,14 +440,15 @@ class BatchNorm(keras.layers.Layer):
             stats, unbiased=self.unbiased_moving_variance,
             guard=self.guard_bad_batches)
 
-        def assign(variable, new):
+        def assign(variable, new, old=None):
             # A refused batch leaves the variable's exact bits.
-            old = tf.cast(variable, new.dtype)
+            old = tf.cast(variable, new.dtype) if old is None else old
             variable.assign(tf.cast(ops.kept_unless(accepted, old, new), variable.dtype))
 
         def update(variable, value, momentum=momentum):
-            new = ops.update_moving(tf.cast(variable, value.dtype), value, momentum)
-            assign(variable, new)
+            old = tf.cast(variable, value.dtype)
+            new = ops.update_moving(old, value, momentum)
+            assign(variable, new, old)
             return new
 
         update(self.moving_mean, mean)

@@ -105,7 +105,17 @@ def staged_moments(x, axes, short_axis_plain=False):
 
 
 def count_over(x, axes, dtype):
-    """The number of values each statistic over `axes` of `x` is made of."""
+    """The number of values each statistic over `axes` of `x` is made of.
+
+    A constant where those dimensions are known when tracing (every graph
+    op costs tracing and optimization time in each batch norm of a model).
+    """
+    dims = [x.shape[i] for i in axes]
+    if None not in dims:
+        count = 1
+        for d in dims:
+            count *= d
+        return tf.constant(count, dtype)
     return tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
 
 
@@ -249,11 +259,11 @@ def unbiased_variance(variance, count):
 def is_usable(stats):
     """A scalar bool: the batch statistics are finite and come from at least
     one value per channel (what the moving statistics may follow)."""
-    return tf.logical_and(
-        tf.reduce_all(tf.math.is_finite(stats.mean))
-        & tf.reduce_all(tf.math.is_finite(stats.variance)),
-        tf.reduce_all(stats.count > 0),
-    )
+    finite = tf.reduce_all(tf.math.is_finite(tf.stack([stats.mean, stats.variance])))
+    count = tf.get_static_value(stats.count)
+    if count is not None and (count > 0).all():
+        return finite  # known when tracing: no op to check it
+    return tf.logical_and(finite, tf.reduce_all(stats.count > 0))
 
 
 def moving_target(stats, *, unbiased=False, guard=True):
