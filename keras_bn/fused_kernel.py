@@ -78,6 +78,8 @@ def _kernel_view(x, axis):
 
 def _filled(gamma, beta, x, axis):
     """gamma and beta, ones and zeros where absent: the kernel needs both."""
+    if gamma is not None and beta is not None:
+        return gamma, beta
     channels = tf.shape(x)[axis:axis + 1]
     gamma = tf.ones(channels, tf.float32) if gamma is None else gamma
     beta = tf.zeros(channels, tf.float32) if beta is None else beta
@@ -89,27 +91,126 @@ def _filled(gamma, beta, x, axis):
 # degrades (to 90x the truth at 1e4 + N(0, 1) over 256x32x32 values), while
 # below that it stays at the 2e-5 relative error it has for centred data.
 OFFSET_DOMINATED_RATIO = 1e4
+# Batch norm doesn't change under a per-channel shift, so a channel whose
+# values lie far from zero is shifted towards them before the kernel sees
+# it. Where they lie comes from a sample of at least this many values per
+# channel: the batch's first rows (a slice, no pass over the batch).
+SHIFT_SAMPLE = 64
+# A channel is shifted when its sample's mean is more than 10 sample
+# standard deviations from zero: a hundred times below the ratio where the
+# kernel starts to lose accuracy, so that a sample that understates the
+# offset still moves every channel that needs it. The others keep their
+# values bit for bit.
+SHIFT_RATIO = 1e2
 
 
-def offset_dominated(mean, variance):
-    """Per channel, whether the CPU kernel's statistics can't be trusted.
+def offset_dominated(mean, variance, ratio=OFFSET_DOMINATED_RATIO):
+    """Per channel, whether the mean exceeds sqrt(ratio) standard deviations.
 
-    cuDNN accumulates with Welford's method and needs no such check (which
-    would also cost a device-to-host sync per layer and step).
+    With the default ratio: where the CPU kernel's statistics of unshifted
+    data can't be trusted. cuDNN accumulates with Welford's method and needs
+    no shift.
     """
-    return tf.square(mean) > OFFSET_DOMINATED_RATIO * variance
+    return tf.square(mean) > ratio * variance
+
+
+def _kernel(view, gamma, beta, epsilon, data_format):
+    empty = tf.zeros([0], tf.float32)  # no running statistics in training
+    return tf.raw_ops.FusedBatchNormV3(
+        x=view, scale=gamma, offset=beta, mean=empty, variance=empty,
+        epsilon=epsilon, exponential_avg_factor=1.0,
+        data_format=data_format, is_training=True)
+
+
+def _sample_shift(view, gamma, beta, epsilon, data_format):
+    """Per channel, float32: the shift the kernel's input gets (0 for most).
+
+    The mean of the batch's first rows (at least SHIFT_SAMPLE values per
+    channel) where it is offset-dominated by SHIFT_RATIO against their
+    spread. The kernel itself measures the sample: one op, which matters
+    for a model's start-up time (every op is traced and optimized in each
+    batch norm). An empty batch's NaN mean compares False: no shift.
+    """
+    channel_axis = 1 if data_format == "NCHW" else 3
+    per_row = [d for i, d in enumerate(view.shape[1:], 1) if i != channel_axis]
+    if None in per_row:
+        shape = tf.shape(view)
+        per_row = tf.reduce_prod(shape[1:]) // tf.maximum(shape[channel_axis], 1)
+        rows = (SHIFT_SAMPLE + per_row - 1) // tf.maximum(per_row, 1)
+    else:
+        per_row = max(1, per_row[0] * per_row[1])
+        rows = -(-SHIFT_SAMPLE // per_row)
+    sample = _kernel(view[:rows], gamma, beta, epsilon, data_format)
+    mean = sample.batch_mean
+    shift = tf.where(offset_dominated(mean, sample.batch_variance, SHIFT_RATIO), mean, 0.0)
+    return tf.stop_gradient(shift)  # a constant, so no gradient reaches the sample
+
+
+def _shifted(view, shift, channel_axis):
+    return view - (shift if channel_axis == 3 else tf.reshape(shift, [1, -1, 1, 1]))
+
+
+def _shifted_if_needed(view, shift, channel_axis):
+    """`view` minus `shift`, or `view` itself (no copy) when all shifts are 0.
+
+    Nearly every batch needs no shift, and subtracting zeros would cost a
+    pass over the batch (up to a fifth of DenseNet121's train step). A
+    `tf.cond` would cost more at start-up (about 50 ms of tracing and
+    optimization per batch norm, see benchmarks/README.md), so the choice
+    is TensorFlow's plain Switch and Merge: the untaken side isn't run and
+    the taken one is forwarded. Called inside a custom gradient, so no
+    gradient is ever taken through them (which GradientTape can't). XLA
+    fuses the subtraction into the kernel's reads: there it is taken as is;
+    eagerly, Python chooses.
+    """
+    if private_api.in_xla_context():
+        return _shifted(view, shift, channel_axis)
+    needed = tf.reduce_any(tf.not_equal(shift, 0))
+    if tf.executing_eagerly():
+        return _shifted(view, shift, channel_axis) if needed else view
+    unshifted, to_shift = tf.raw_ops.Switch(data=view, pred=needed)
+    return tf.raw_ops.Merge(inputs=[unshifted, _shifted(to_shift, shift, channel_axis)]).output
+
+
+def _kernel_gradient(dy, view, gamma, seen, out, shift, epsilon, data_format):
+    """The kernel's gradient (dx, dgamma, dbeta) from the data it saw.
+
+    A custom gradient itself: `seen` may come out of a Merge, so the second
+    derivatives (TensorFlow's registered gradient of FusedBatchNormGradV3)
+    are taken at the shifted data recomputed from `view` by a plain
+    subtraction, which only a second-order graph contains.
+    """
+    channel_axis = 1 if data_format == "NCHW" else 3
+
+    def kernel_gradient(dy, seen, gamma):
+        return tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=dy, x=seen, scale=gamma, reserve_space_1=out.reserve_space_1,
+            reserve_space_2=out.reserve_space_2, reserve_space_3=out.reserve_space_3,
+            epsilon=epsilon, data_format=data_format, is_training=True)[:3]
+
+    @tf.custom_gradient
+    def first_order(dy, view, gamma):
+        def second_order(*upstream):
+            inputs = [dy, _shifted(view, shift, channel_axis), gamma]
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                grads = kernel_gradient(*inputs)
+            # d seen / d view is the identity.
+            return tape.gradient(grads, inputs, output_gradients=list(upstream))
+
+        return kernel_gradient(dy, seen, gamma), second_order
+
+    return first_order(dy, view, gamma)
 
 
 def train(x, gamma, beta, epsilon, axis):
     """Training-mode batch norm by the fused kernel.
 
-    On a CPU, a batch whose mean dominates its spread (see
-    `offset_dominated`) goes through the kernel a second time, shifted by
-    the first pass's mean: batch norm doesn't change under a per-channel
-    shift, and data near zero is where the kernel's float32 sums are
-    accurate. The gradient is the kernel's own, taken from whichever pass
-    served: a custom gradient, so that the first-order graph holds no
-    gradient of the `tf.cond` (which doubled a model's first-step time).
+    On a CPU the kernel sees the batch shifted per channel towards its
+    values (see `_sample_shift`) where they lie far from zero, so that its
+    float32 sums stay accurate; the shift is added back to the mean it
+    reports. The gradient is the kernel's own (FusedBatchNormGradV3),
+    computed from the data the kernel saw, to every order.
 
     Args:
         x: float16/bfloat16/float32 input; `axis` non-negative.
@@ -121,73 +222,38 @@ def train(x, gamma, beta, epsilon, axis):
     view, data_format = _kernel_view(x, axis)
     gamma, beta = _filled(gamma, beta, x, axis)
     channel_axis = 1 if data_format == "NCHW" else 3
-
-    def kernel(view):
-        empty = tf.zeros([0], tf.float32)  # no running statistics in training
-        return tf.raw_ops.FusedBatchNormV3(
-            x=view, scale=gamma, offset=beta, mean=empty, variance=empty,
-            epsilon=epsilon, exponential_avg_factor=1.0,
-            data_format=data_format, is_training=True)
-
-    n = ops.count_over(view, [i for i in range(4) if i != channel_axis], tf.float32)
-
-    def biased(out):
-        # The kernel reports the Bessel-corrected variance n/(n-1) * var
-        # (for TF's own moving average); the semantics here are the biased one.
-        return out.batch_variance * ((n - 1.0) / tf.maximum(n, 1.0))
-
     if gpu_visible():
-        out = kernel(view)
-        return (tf.reshape(out.y, tf.shape(x)),
-                ops.BatchStats(tf.fill(tf.shape(out.batch_mean), n), out.batch_mean, biased(out)))
+        out = _kernel(view, gamma, beta, epsilon, data_format)
+        y, mean, variance = out.y, out.batch_mean, out.batch_variance
+    else:
+        # The shift in the input's dtype is what is subtracted, and what is
+        # added back. Subtracting it from values near it is exact in any
+        # precision (Sterbenz); unshifted channels subtract zero.
+        shift = tf.cast(_sample_shift(view, gamma, beta, epsilon, data_format), view.dtype)
 
-    @tf.custom_gradient
-    def normalize(view, gamma, beta):
-        first = kernel(view)
+        @tf.custom_gradient
+        def normalize(view, gamma, beta):
+            seen = _shifted_if_needed(view, shift, channel_axis)
+            out = _kernel(seen, gamma, beta, epsilon, data_format)
 
-        def shifted():
-            shape = [1, 1, 1, 1]
-            shape[channel_axis] = -1
-            # Only the channels that need it move: subtracting a mean from
-            # values near it is exact (Sterbenz), from others it rounds in a
-            # half-precision input. The shift in the input's dtype is what
-            # is subtracted, and what is added back.
-            shift = tf.stop_gradient(tf.where(dominated, first.batch_mean, 0.0))
-            shift = tf.cast(shift, view.dtype)
-            seen = view - tf.reshape(shift, shape)
-            out = kernel(seen)
-            return (out.y, seen, tf.cast(shift, tf.float32) + out.batch_mean, biased(out),
-                    out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
+            def backward(dy, *_):
+                return _kernel_gradient(dy, view, gamma, seen, out, shift, epsilon, data_format)
 
-        def plain():
-            return (first.y, view, first.batch_mean, biased(first),
-                    first.reserve_space_1, first.reserve_space_2, first.reserve_space_3)
+            mean = out.batch_mean + tf.cast(shift, tf.float32)
+            return (out.y, mean, out.batch_variance), backward
 
-        dominated = offset_dominated(first.batch_mean, biased(first))
-        if private_api.in_xla_context():
-            # XLA before TF 2.20 differentiates the tf.cond below into NaN
-            # (twice, from the first pass's E[x^2] - E[x]^2 variance); the
-            # shifted pass is exact for every channel (it shifts the others
-            # by zero), so take it unconditionally there.
-            y, seen, mean, variance, *reserve = shifted()
-        else:
-            y, seen, mean, variance, *reserve = tf.cond(
-                tf.reduce_any(dominated), shifted, plain)
-
-        def backward(dy, *_):
-            # What TensorFlow's registered gradient of the kernel computes,
-            # from the pass that produced y; its own gradient is registered
-            # too, so second derivatives stay exact.
-            grads = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=seen, scale=gamma, reserve_space_1=reserve[0],
-                reserve_space_2=reserve[1], reserve_space_3=reserve[2],
-                epsilon=epsilon, data_format=data_format, is_training=True)
-            return grads[0], grads[1], grads[2]
-
-        return (y, mean, variance), backward
-
-    y, mean, variance = normalize(view, gamma, beta)
-    return tf.reshape(y, tf.shape(x)), ops.BatchStats(tf.fill(tf.shape(mean), n), mean, variance)
+        y, mean, variance = normalize(view, gamma, beta)
+    # The kernel reports the Bessel-corrected variance n/(n-1) * var (for
+    # TF's own moving average); the semantics here are the biased one.
+    n = ops.count_over(view, [i for i in range(4) if i != channel_axis], tf.float32)
+    known, channels = tf.get_static_value(n), view.shape[channel_axis]
+    if known is None or channels is None:
+        variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
+        count = tf.fill(tf.shape(mean), n)
+    else:
+        variance = variance * float((known - 1.0) / max(known, 1.0))
+        count = tf.constant(known, tf.float32, shape=[channels])
+    return (y if view is x else tf.reshape(y, tf.shape(x))), ops.BatchStats(count, mean, variance)
 
 
 def infer(x, gamma, beta, mean, variance, epsilon, axis):

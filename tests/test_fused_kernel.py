@@ -28,7 +28,8 @@ def _graph_ops(fn, *specs, jit=False, branches=True):
     graph = tf.function(fn, jit_compile=jit).get_concrete_function(*specs).graph
     ops = list(graph.get_operations())
     if branches:
-        # Ops inside tf.cond branches live in their own function graphs.
+        # Ops inside tf.cond branches or custom gradients' second-order
+        # functions live in their own function graphs.
         for function in graph._functions.values():
             ops.extend(function.graph.get_operations())
     return ops
@@ -101,8 +102,8 @@ def test_under_xla_tf_ops_serve_by_default():
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 def test_half_precision_kernel_makes_no_full_size_float32_copy(dtype, training):
-    # tf.cond branches included: the CPU kernel's second, shifted pass for
-    # offset-dominated batches stays in the input's dtype too.
+    # The CPU kernel's shift for offset-dominated channels stays in the
+    # input's dtype too; only the first rows' sample is measured.
     shape = [8, 4, 4, 3]
     ops = _graph_ops(lambda x: _bn(x, training), tf.TensorSpec(shape, dtype))
     assert "FusedBatchNormV3" in {op.type for op in ops}
@@ -141,12 +142,97 @@ def test_large_offset_moving_variance_on_each_path_no_worse_than_tf_moments(fuse
     np.testing.assert_allclose(var, truth, rtol=1e-5)
 
 
+def test_offset_dominated_ratio():
+    mean = tf.constant([0.0, 50.0, -99.0, 101.0])
+    var = tf.constant([1.0, 1.0, 1.0, 1.0])
+    assert fused.offset_dominated(mean, var).numpy().tolist() == [False, False, False, True]
+    assert fused.offset_dominated(mean, var, ratio=100.0).numpy().tolist() == [
+        False, True, True, True]
+
+
+def test_sample_shift_reads_the_first_rows_and_moves_only_channels_far_from_zero():
+    # [32, 2, 2, 5]: 4 values per image and channel, so the sample is the
+    # first 16 images (64 values). Each channel is c + (+-1, alternating):
+    # its sample mean is c exactly, its sample std 1.
+    signs = np.where(np.arange(32 * 4) % 2 == 0, 1.0, -1.0).reshape(32, 2, 2, 1)
+    centres = np.array([1e4, 50.0, 3.0, 0.0, 7.0])
+    x = centres + signs * np.ones(5)
+    x[16:, :, :, 4] = 1e3  # past the sample: not read
+    view = tf.constant(x, tf.float32)
+    shift = fused._sample_shift(view, tf.ones([5]), tf.zeros([5]), 1e-5, "NHWC")
+    # 1e4 and 50 lie more than 10 std from zero; 3 and 0 don't; 7 is the
+    # sample's mean although the batch's is 503.5.
+    np.testing.assert_array_equal(shift, [1e4, 50.0, 0.0, 0.0, 0.0])
+    x[:, :, :, 4] = np.where(np.arange(32)[:, None, None] < 16, 70.0 + signs[..., 0], 1e3)
+    shift = fused._sample_shift(tf.constant(x, tf.float32), tf.ones([5]), tf.zeros([5]),
+                                1e-5, "NHWC")
+    assert shift.numpy()[4] == 70.0
+
+
+def test_sample_shift_of_an_empty_batch_is_zero():
+    view = tf.zeros([0, 1, 1, 3], tf.float32)
+    shift = fused._sample_shift(view, tf.ones([3]), tf.zeros([3]), 1e-5, "NHWC")
+    np.testing.assert_array_equal(shift, [0.0, 0.0, 0.0])
+
+
 @cpu_only
-def test_kernel_accuracy_guard_is_off_for_ordinary_batches():
-    mean = tf.constant([0.0, 50.0, -99.0])
-    var = tf.constant([1.0, 1.0, 1.0])  # 99^2 < 1e4
-    assert not fused.offset_dominated(mean, var).numpy().any()
-    assert fused.offset_dominated(tf.constant([101.0]), tf.constant([1.0])).numpy().all()
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16])
+def test_ordinary_batch_gives_the_unshifted_kernel_bit_for_bit(dtype):
+    # No channel is far from zero: the kernel sees the batch itself, so the
+    # guard changes nothing, in a graph (Switch/Merge) or eagerly.
+    x = tf.cast(np.random.RandomState(5).normal(0.5, 2.0, (8, 4, 4, 6)), dtype)
+    gamma, beta = tf.constant(np.linspace(0.5, 2.0, 6), tf.float32), tf.ones([6])
+    plain = fused._kernel(x, gamma, beta, 1e-3, "NHWC")
+    for run in (lambda f: f(), tf.function(lambda f: f())):
+        y, stats = run(lambda: fused.train(x, gamma, beta, 1e-3, 3))
+        np.testing.assert_array_equal(y, plain.y)
+        np.testing.assert_array_equal(stats.mean, plain.batch_mean)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype,spread,var_tol,tol", [(tf.float16, 16.0, 1e-4, 2e-3),
+                                                      (tf.bfloat16, 32.0, 1e-3, 1.6e-2)])
+def test_half_precision_offset_dominated_batch_keeps_its_statistics(dtype, spread, var_tol, tol):
+    # 1e4 + N(0, spread), a few ulps of the dtype at 1e4, over 128x32x32
+    # values: unshifted, the kernel's mean is off by 7-9 % of the std. The
+    # reference is the float64 statistics of the half-
+    # precision data; float32 sums of centred data are good to ~1e-6, the
+    # output to its own rounding (2^-11, 2^-8 of |y| <= 4).
+    x = 1e4 + np.random.RandomState(6).normal(0.0, spread, (128, 32, 32, 1))
+    x = tf.cast(x, dtype)
+    x64 = tf.cast(x, tf.float64).numpy()
+    y, stats = fused.train(x, None, None, 1e-5, 3)
+    mean, var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+    # A float32 mean near 1e4 is itself rounded to 1e-3: 1e-4 of the std here.
+    np.testing.assert_allclose(stats.mean, mean, rtol=0, atol=1e-4 * float(np.sqrt(var[0])))
+    # bfloat16 leaves five values (multiples of 64) once centred; the kernel
+    # measures their variance to 5e-4 (as it does unshifted data there).
+    np.testing.assert_allclose(stats.variance, var, rtol=var_tol)
+    want = (x64 - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(tf.cast(y, tf.float64), want, rtol=tol, atol=tol)
+
+
+@cpu_only
+def test_training_graph_runs_the_kernel_once_over_the_batch_without_a_cond():
+    # The accuracy guard must not trace a second path per batch norm (a
+    # tf.cond doubled a model's first-step time, issue 14): one kernel pass
+    # over the batch, one over the first rows' sample, one gradient kernel,
+    # and no functional control flow.
+    layer = BatchNorm()
+    layer.build((None, 4, 4, 3))
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, [x] + layer.trainable_weights)
+
+    ops = _graph_ops(step, tf.TensorSpec([16, 4, 4, 3], tf.float32))
+    types = [op.type for op in ops]
+    assert not {"If", "StatelessIf", "Case", "While", "StatelessWhile"} & set(types)
+    kernels = [op for op in ops if op.type == "FusedBatchNormV3"]
+    assert sorted(op.inputs[0].shape.as_list()[0] for op in kernels) == [4, 16]
+    assert types.count("FusedBatchNormGradV3") == 1
 
 
 def test_inference_epsilon_below_kernel_limit_is_folded_into_variance(monkeypatch):
@@ -217,11 +303,10 @@ def test_general_path_backward_is_the_custom_gradient():
 
 @cpu_only
 @pytest.mark.parametrize("jit", [False, True])
-def test_offset_dominated_batch_in_a_graph_takes_the_shifted_pass(jit):
-    # In a tf.function (and under XLA, with fused=True) the kernel's second,
-    # shifted pass must serve outputs, statistics and gradients of every
-    # order for an offset-dominated batch, and the plain pass for the
-    # others, in one trace.
+def test_offset_dominated_batch_in_a_graph_is_shifted(jit):
+    # In a tf.function (and under XLA, with fused=True) the kernel must see
+    # an offset-dominated batch shifted, for outputs, statistics and
+    # gradients of every order, and the others as they are, in one trace.
     layer = BatchNorm(fused=True, momentum=0.0)
     layer.build((None, 4, 4, 3))
     rng = np.random.RandomState(9)
