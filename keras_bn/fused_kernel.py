@@ -90,7 +90,6 @@ def _filled(gamma, beta, x, axis):
 # than 100 standard deviations from zero (mean^2 > 1e4 var) its variance
 # degrades (to 90x the truth at 1e4 + N(0, 1) over 256x32x32 values), while
 # below that it stays at the 2e-5 relative error it has for centred data.
-OFFSET_DOMINATED_RATIO = 1e4
 # Batch norm doesn't change under a per-channel shift, so a channel whose
 # values lie far from zero is shifted towards them before the kernel sees
 # it. Where they lie comes from a sample of at least this many values per
@@ -104,14 +103,12 @@ SHIFT_SAMPLE = 64
 SHIFT_RATIO = 1e2
 
 
-def offset_dominated(mean, variance, ratio=OFFSET_DOMINATED_RATIO):
-    """Per channel, whether the mean exceeds sqrt(ratio) standard deviations.
-
-    With the default ratio: where the CPU kernel's statistics of unshifted
-    data can't be trusted. cuDNN accumulates with Welford's method and needs
-    no shift.
+def offset_dominated(mean, variance):
+    """Per channel, whether the mean exceeds sqrt(SHIFT_RATIO) standard
+    deviations: the channels the CPU kernel sees shifted. cuDNN accumulates
+    with Welford's method and needs no shift.
     """
-    return tf.square(mean) > ratio * variance
+    return tf.square(mean) > SHIFT_RATIO * variance
 
 
 def _kernel(view, gamma, beta, epsilon, data_format):
@@ -142,7 +139,7 @@ def _sample_shift(view, gamma, beta, epsilon, data_format):
         rows = -(-SHIFT_SAMPLE // per_row)
     sample = _kernel(view[:rows], gamma, beta, epsilon, data_format)
     mean = sample.batch_mean
-    shift = tf.where(offset_dominated(mean, sample.batch_variance, SHIFT_RATIO), mean, 0.0)
+    shift = tf.where(offset_dominated(mean, sample.batch_variance), mean, 0.0)
     return tf.stop_gradient(shift)  # a constant, so no gradient reaches the sample
 
 
