@@ -111,6 +111,11 @@ def offset_dominated(mean, variance):
     return tf.square(mean) > SHIFT_RATIO * variance
 
 
+def _channel_axis(data_format):
+    """The channel axis of a kernel view in `data_format`."""
+    return 1 if data_format == "NCHW" else 3
+
+
 def _kernel(view, gamma, beta, epsilon, data_format):
     empty = tf.zeros([0], tf.float32)  # no running statistics in training
     return tf.raw_ops.FusedBatchNormV3(
@@ -128,7 +133,7 @@ def _sample_shift(view, gamma, beta, epsilon, data_format):
     for a model's start-up time (every op is traced and optimized in each
     batch norm). An empty batch's NaN mean compares False: no shift.
     """
-    channel_axis = 1 if data_format == "NCHW" else 3
+    channel_axis = _channel_axis(data_format)
     per_row = [d for i, d in enumerate(view.shape[1:], 1) if i != channel_axis]
     if None in per_row:
         shape = tf.shape(view)
@@ -177,7 +182,7 @@ def _kernel_gradient(dy, view, gamma, seen, out, shift, epsilon, data_format):
     are taken at the shifted data recomputed from `view` by a plain
     subtraction, which only a second-order graph contains.
     """
-    channel_axis = 1 if data_format == "NCHW" else 3
+    channel_axis = _channel_axis(data_format)
 
     def kernel_gradient(dy, seen, gamma):
         return tf.raw_ops.FusedBatchNormGradV3(
@@ -218,7 +223,7 @@ def train(x, gamma, beta, epsilon, axis):
     """
     view, data_format = _kernel_view(x, axis)
     gamma, beta = _filled(gamma, beta, x, axis)
-    channel_axis = 1 if data_format == "NCHW" else 3
+    channel_axis = _channel_axis(data_format)
     if gpu_visible():
         out = _kernel(view, gamma, beta, epsilon, data_format)
         y, mean, variance = out.y, out.batch_mean, out.batch_variance
