@@ -102,6 +102,12 @@ def test_renorm_matches_keras_weights_outputs_and_train_inference_gap(clipping):
     gaps = [np.abs(layer(x, training=True) - layer(x, training=False)).max()
             for layer in (ours, theirs)]
     np.testing.assert_allclose(gaps[0], gaps[1], atol=KERAS_TOL)
-    # Weights go back the other way too.
+    # Weights go back the other way too. Move Keras's layer away from ours
+    # first (every weight stays positive where it must), so that only the
+    # transfer can bring its inference output back to ours.
+    theirs.set_weights([2.0 * w + 0.5 for w in theirs.get_weights()])
+    assert np.abs(theirs(x) - ours(x)).max() > 100 * KERAS_TOL
     theirs.set_weights(ours.get_weights())
-    np.testing.assert_array_equal(theirs(x), theirs(x))
+    for a, b in zip(theirs.get_weights(), ours.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(theirs(x), ours(x), atol=KERAS_TOL, rtol=KERAS_TOL)
