@@ -1,6 +1,7 @@
 """The examples run as a user would run them, in a quick mode."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -71,11 +72,25 @@ def test_digits_compares_runs_plots_exports_and_serves(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
 
-    for run in ("batch norm", "no batch norm"):
-        (row,) = [line.split() for line in lines if line.startswith(run + "  ")]
-        loss, accuracy, epochs_to_90, seconds, unit = row[len(run.split()):]
-        assert float(loss) > 0 and 0 <= float(accuracy) <= 1 and float(seconds) > 0
-        assert epochs_to_90 in ("1", "never") and unit == "s"
+    # The table: a header, then one row per run, columns two or more spaces
+    # apart (a run's name has single spaces in it).
+    header = lines.index(next(line for line in lines if line.startswith("run ")))
+    table = "\n".join(lines[header:header + 3])
+    print(table)
+    assert re.split(r"\s{2,}", lines[header].strip()) == [
+        "run", "final training loss", "test accuracy", "epochs to 90 %", "wall time"], table
+    rows = {}
+    for line in lines[header + 1:header + 3]:
+        name, loss, accuracy, epochs_to_90, seconds = re.split(r"\s{2,}", line.strip())
+        assert float(loss) > 0 and float(seconds.removesuffix(" s")) > 0, table
+        rows[name] = float(accuracy), epochs_to_90
+    # The headline, at the example's learning rate of 0.3: with batch norm the
+    # test accuracy passes 90 % in the first epoch; without it (ReLUs pushed
+    # dead: the example's docstring) it never does. Measured after one epoch, seed 0, oneDNN on and
+    # off: 0.920-0.922 with, 0.447 without (seeds 1-3: 0.904-0.964 with,
+    # 0.10-0.58 without).
+    assert rows["batch norm"][1] == "1" and rows["batch norm"][0] >= 0.9, table
+    assert rows["no batch norm"][1] == "never" and rows["no batch norm"][0] < 0.9, table
 
     with open(tmp_path / "digits_curves.png", "rb") as f:
         png = f.read()
