@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -67,3 +69,29 @@ def test_model_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
         assert row[name]["keras"] > 0 and row[name]["keras_bn"] > 0
         ratio = name.rsplit("_", 1)[0] + "_ratio"
         assert row[ratio] == pytest.approx(row[name]["keras_bn"] / row[name]["keras"])
+
+
+GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+
+
+def test_gpu_check_runs_only_test_files_that_exist():
+    # The script runs only where a GPU is lent, so a renamed test file would
+    # go unnoticed until then (it once listed a tests/test_fused.py).
+    with open(GPU_CHECK) as f:
+        listed = set(re.findall(r"\btests/[\w/]+\.py\b", f.read()))
+    assert "tests/test_gpu.py" in listed  # the pattern still finds them
+    assert sorted(p for p in listed if not os.path.isfile(os.path.join(ROOT, p))) == []
+
+
+def test_gpu_check_stops_before_any_step_when_a_test_file_is_missing(tmp_path):
+    # A copy of the script in a tree without tests/: it must name the missing
+    # files and exit before creating OUT or running anything.
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(GPU_CHECK, tmp_path / "benchmarks" / "gpu_check.sh")
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_check.sh"), str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"gpu_check.sh: test files not found in {tmp_path}: tests/test_gpu.py tests/test_ops.py ")
+    assert not out.exists()
