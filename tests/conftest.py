@@ -39,3 +39,26 @@ def strategy():
     second one would reuse the first one's collective instance keys, and
     TensorFlow refuses a key seen before with another dtype."""
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def channels_first_conv2d_runs():
+    """Whether TensorFlow runs a channels-first Conv2D here, found by trying.
+
+    TensorFlow's own (Eigen) CPU Conv2D takes NHWC only; oneDNN's and
+    cuDNN's take NCHW too. Whether oneDNN is on depends on the CPU and on
+    TF_ENABLE_ONEDNN_OPTS, so a tiny conv answers, once per run.
+    """
+    try:
+        keras.ops.conv(tf.zeros((1, 1, 1, 1)), tf.zeros((1, 1, 1, 1)),
+                       data_format="channels_first")
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+    return True
+
+
+@pytest.fixture
+def needs_channels_first_conv2d(channels_first_conv2d_runs):
+    """Skips a test that needs TensorFlow's channels-first Conv2D kernel."""
+    if not channels_first_conv2d_runs:
+        pytest.skip("channels-first Conv2D needs oneDNN or a GPU on this CPU")

@@ -57,13 +57,47 @@ def _assert_same_outputs(model, folded):
         np.testing.assert_allclose(g, w, atol=FOLD_TOL, rtol=FOLD_TOL)
 
 
+_CONVOLUTION_OP = keras.layers.Conv2D.convolution_op
+
+
+def _conv2d_through_channels_last(conv, inputs, kernel):
+    """A Conv2D's convolution; a channels-first one's computed channels-last
+    between two transposes (Keras keeps one kernel layout for both)."""
+    if conv.data_format != "channels_first":
+        return _CONVOLUTION_OP(conv, inputs, kernel)
+    outputs = keras.ops.conv(
+        keras.ops.transpose(inputs, (0, 2, 3, 1)), kernel, strides=list(conv.strides),
+        padding=conv.padding, dilation_rate=conv.dilation_rate, data_format="channels_last")
+    return keras.ops.transpose(outputs, (0, 3, 1, 2))
+
+
+@pytest.fixture
+def channels_first_conv2d(monkeypatch, channels_first_conv2d_runs):
+    """Lets channels-first Conv2D layers run where TensorFlow has no kernel
+    for them (its Eigen CPU kernel is NHWC only; oneDNN's and cuDNN's are
+    not) by `_conv2d_through_channels_last`. Folding changes weights, not
+    layers, so the model and its folded copy still compare on one route."""
+    if not channels_first_conv2d_runs:
+        monkeypatch.setattr(keras.layers.Conv2D, "convolution_op", _conv2d_through_channels_last)
+
+
+def test_channels_last_route_is_a_channels_first_conv2d(needs_channels_first_conv2d):
+    conv = keras.layers.Conv2D(5, 3, strides=(2, 1), padding="same", data_format="channels_first")
+    x = np.random.RandomState(5).normal(0.5, 1.0, (2, 3, 7, 6)).astype(np.float32)
+    conv.build(x.shape)
+    # Two kernels sum 27 products of O(1) in their own orders: float32 ulps.
+    np.testing.assert_allclose(
+        _conv2d_through_channels_last(conv, x, conv.kernel), conv.convolution_op(x, conv.kernel),
+        atol=1e-5, rtol=1e-5)
+
+
 def _assert_no_batch_norm(model):
     assert not [layer for layer in all_layers(model) if isinstance(layer, BATCH_NORMS)]
 
 
 @pytest.mark.parametrize("bn_kind", ["keras_bn", "keras"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_folds_into_each_layer_kind(kind, bn_kind):
+def test_folds_into_each_layer_kind(kind, bn_kind, channels_first_conv2d):
     input_shape, make_layer, axis = KINDS[kind]
     model = _sequential(input_shape, make_layer(), _batch_norm(bn_kind, axis=axis))
     folded = fold_batch_norms(model)
@@ -167,7 +201,7 @@ UNFOLDABLE = {
 
 @pytest.mark.parametrize("bn_kind", ["keras_bn", "keras"])
 @pytest.mark.parametrize("case", sorted(UNFOLDABLE))
-def test_unfoldable_batch_norm_becomes_a_channel_affine(case, bn_kind):
+def test_unfoldable_batch_norm_becomes_a_channel_affine(case, bn_kind, channels_first_conv2d):
     build, kwargs = UNFOLDABLE[case]
     model = _functional(build, _batch_norm(bn_kind, name="bn", **kwargs))
     folded = fold_batch_norms(model)
