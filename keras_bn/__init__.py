@@ -36,7 +36,7 @@ from keras_bn.interop import to_torch_state_dict
 from keras_bn.layer import BatchNorm
 from keras_bn.functional import batch_norm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BatchNorm",
