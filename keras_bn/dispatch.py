@@ -2,16 +2,21 @@
 
 `route` returns the choice with its reason, as data a test (or a curious
 user) can read; `train` and `infer` run the chosen kernel. The speed
-reasons were measured on CPU (benchmarks/README.md, "Layer benchmark"):
-the fused kernel wins for channels-last data; its channels-first form is
-slower than TF ops; under XLA, which fuses plain ops, TF ops win. On a GPU
-cuDNN takes either layout natively.
+reasons were measured per CPU kind (benchmarks/README.md, "Kernel choice"):
+the fused kernel has a fixed cost per call (its accuracy guard's second,
+4-row kernel, the custom gradient) that pays off only on large tensors, and
+on an Eigen CPU (oneDNN off) its float32 training pass never beats TF ops;
+its channels-first form is slower than TF ops; under XLA, which fuses plain
+ops, TF ops win. On a GPU cuDNN takes either layout natively. In a graph, an
+inference right after a convolution joins it (`conv_fold`).
 """
 
 import collections
 
+import numpy as np
 import tensorflow as tf
 
+from keras_bn import conv_fold
 from keras_bn import distributed
 from keras_bn import fused_kernel
 from keras_bn import ops
@@ -20,15 +25,62 @@ from keras_bn import tf_ops_kernel
 
 FUSED = "fused"
 TF_OPS = "tf_ops"
+DEPTHWISE_FOLD = "depthwise_fold"
 
 Route = collections.namedtuple("Route", ["kernel", "reason"])
 
 
-def fused_is_faster(x, axis):
-    """Whether the fused kernel beats TF ops for a call it can serve."""
+# The fewest values (N * H * W * C) of a channels-last input for which the
+# fused kernel beats TF ops in a traced function, per (CPU kind, training,
+# half precision); None where it never does. Measured on 2-core AMD EPYC and
+# Xeon machines (benchmarks/README.md, "Kernel choice"): below 2^17 values
+# the kernel's fixed cost loses (up to 1.9x Keras's time at 16x4x4x32 where
+# TF ops take 1.0x); from 2^19 it wins (0.3-0.9x).
+FUSED_FROM = {
+    ("onednn", True, False): 2**18,
+    ("onednn", True, True): 2**18,
+    ("onednn", False, False): 2**18,
+    ("onednn", False, True): 2**18,
+    ("eigen", True, False): None,
+    ("eigen", True, True): 2**19,
+    ("eigen", False, False): 2**18,
+    ("eigen", False, True): 2**18,
+}
+
+
+def cpu_kind():
+    """"onednn" or "eigen": which CPU kernels TensorFlow runs here."""
+    return "onednn" if private_api.onednn_enabled() else "eigen"
+
+
+def _values(x):
+    """The number of values in x, an unknown dimension counted as 32 (Keras's
+    default batch size: a traced `fit` may leave the batch unknown)."""
+    return int(np.prod([32 if d is None else d for d in x.shape.as_list()], dtype=np.int64))
+
+
+def fused_is_faster(x, axis, training=True):
+    """(whether the fused kernel beats TF ops for a call it can serve, why)."""
     if private_api.in_xla_context():
-        return False
-    return axis == x.shape.rank - 1 or fused_kernel.gpu_visible()
+        return False, "under XLA, which fuses TF ops"
+    if fused_kernel.gpu_visible():
+        return True, "cuDNN on the GPU"
+    if axis != x.shape.rank - 1:
+        return False, "channels-first on CPU"
+    if tf.executing_eagerly():
+        return True, "eagerly, one kernel instead of many ops"
+    kind = cpu_kind()
+    half = x.dtype in (tf.float16, tf.bfloat16)
+    least = FUSED_FROM[(kind, training is not False, half)]
+    where = (f"{'training' if training is not False else 'inference'} of "
+             f"{'half-precision' if half else 'float32'} values with "
+             f"{'oneDNN' if kind == 'onednn' else 'Eigen (oneDNN off)'}")
+    if least is None:
+        return False, f"{where}: TF ops at any size"
+    values = _values(x)
+    if values >= least:
+        return True, f"{where}: {values} values, the kernel from {least}"
+    return False, f"{where}: {values} values, TF ops below {least}"
 
 
 def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_norm"):
@@ -62,14 +114,19 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
         return Route(TF_OPS, unsupported)
     if fused:
         return Route(FUSED, "fused=True")
+    joins = conv_fold.joins(x, axis) if training is False else None
+    if joins == "Conv2D":
+        return Route(FUSED, "inference of a Conv2D's output in a graph: fused into it")
+    if joins == "DepthwiseConv2dNative":
+        return Route(DEPTHWISE_FOLD, "inference of a DepthwiseConv2dNative's output "
+                                     "in a graph: into its filter")
     if training is False and x.shape.rank != 4:
         # Outside 4-D, the kernel's reshapes keep converters (TFLite) from
         # folding the batch norm into the layer before it; a served model
         # gains more from that than from one pass instead of two.
         return Route(TF_OPS, f"inference of a rank-{x.shape.rank} input")
-    if fused_is_faster(x, axis):
-        return Route(FUSED, "faster here")
-    return Route(TF_OPS, "faster here")
+    faster, why = fused_is_faster(x, axis, training)
+    return Route(FUSED if faster else TF_OPS, f"faster here: {why}")
 
 
 def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
@@ -112,7 +169,10 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
 def infer(x, mean, variance, gamma, beta, *, epsilon, axis, fused=None,
           caller="batch_norm"):
     """Inference-mode normalization with the given (C,) statistics."""
-    if route(x, axis, epsilon, training=False, fused=fused, caller=caller).kernel == FUSED:
+    kernel = route(x, axis, epsilon, training=False, fused=fused, caller=caller).kernel
+    if kernel == FUSED:
         return fused_kernel.infer(x, gamma, beta, mean, variance, epsilon, axis)
+    if kernel == DEPTHWISE_FOLD:
+        return conv_fold.into_depthwise(x, mean, variance, gamma, beta, epsilon, axis)
     return ops.normalize(x, mean, variance, gamma, beta, epsilon, axis)
 

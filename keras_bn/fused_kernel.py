@@ -10,6 +10,7 @@ that without copying memory (see `_kernel_view`).
 
 import tensorflow as tf
 
+from keras_bn import conv_fold
 from keras_bn import ops
 from keras_bn import private_api
 
@@ -272,7 +273,8 @@ def infer(x, gamma, beta, mean, variance, epsilon, axis):
                                         data_format), tf.shape(x))
     # No Shape/Reshape pair around a 4-D input: converters fold the bare
     # kernel into a preceding convolution, and would not fold through them.
-    x, beta, mean = _bias_absorbed(x, gamma, beta, mean, variance, epsilon, data_format)
+    x, beta, mean = conv_fold.bias_absorbed(x, gamma, beta, mean, variance, epsilon,
+                                            data_format)
     return _infer_kernel(x, gamma, beta, mean, variance, epsilon, data_format)
 
 
@@ -283,28 +285,3 @@ def _infer_kernel(view, gamma, beta, mean, variance, epsilon, data_format):
         data_format=data_format, is_training=False,
     ).y
 
-
-def _bias_absorbed(x, gamma, beta, mean, variance, epsilon, data_format):
-    """The kernel's input without a convolution's bias, where it has one.
-
-    In a graph, Conv2D -> BiasAdd -> batch norm keeps TensorFlow's graph
-    optimizer from fusing the batch norm (and a following activation) into
-    the convolution: its pattern is Conv2D -> FusedBatchNorm. Subtracting the
-    bias from the mean instead gives the same normalization of the bare
-    convolution output, and the BiasAdd, left without consumers, is pruned.
-
-    Returns (input, beta, mean) for the kernel.
-    """
-    op = getattr(x, "op", None)
-    if (tf.executing_eagerly() or op is None or op.type != "BiasAdd"
-            or op.inputs[0].op.type != "Conv2D"
-            or op.get_attr("data_format").decode() != data_format):
-        return x, beta, mean
-    value, bias = op.inputs
-    bias = tf.cast(bias, mean.dtype)
-    # In inference mode the kernel differentiates neither statistic, so the
-    # bias's gradient, gamma * rsqrt(variance + epsilon) per unit of output,
-    # comes through the offset: a term that is zero in value, exact in every
-    # derivative.
-    carrier = (bias - tf.stop_gradient(bias)) * gamma * tf.math.rsqrt(variance + epsilon)
-    return value, beta + carrier, mean - tf.stop_gradient(bias)

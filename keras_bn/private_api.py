@@ -43,3 +43,19 @@ def all_layers(model):
     Keras itself uses (for weights, metrics, `trainable`).
     """
     return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def onednn_enabled():
+    """Whether TensorFlow runs its CPU ops through oneDNN in this process.
+
+    TensorFlow decides at import, from TF_ENABLE_ONEDNN_OPTS or, unset, from
+    the CPU (on by default only with AVX-512 VNNI/BF16 or AMX); only its
+    private util port says what it decided. Should that move, the answer is
+    False: the Eigen CPU's kernel choices, which cost only speed.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except Exception:  # pragma: no cover - depends on TF internals
+        return False

@@ -10,6 +10,9 @@ cpu_only = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
                               reason="the CPU's choices")
 
 
+EAGER = "eagerly, one kernel instead of many ops"
+
+
 def _route(shape, axis=-1, dtype=tf.float32, **kwargs):
     x = tf.zeros(shape, dtype)
     return dispatch.route(x, axis % len(shape), 1e-5, **kwargs)
@@ -17,12 +20,12 @@ def _route(shape, axis=-1, dtype=tf.float32, **kwargs):
 
 @cpu_only
 @pytest.mark.parametrize("shape, axis, training, fused, features, route", [
-    ((8, 4, 4, 3), -1, True, None, (), ("fused", "faster here")),
-    ((8, 3, 4, 4), 1, True, None, (), ("tf_ops", "faster here")),
+    ((8, 4, 4, 3), -1, True, None, (), ("fused", f"faster here: {EAGER}")),
+    ((8, 3, 4, 4), 1, True, None, (), ("tf_ops", "faster here: channels-first on CPU")),
     ((8, 3, 4, 4), 1, True, True, (), ("fused", "fused=True")),
     ((8, 4, 4, 3), -1, True, False, (), ("tf_ops", "fused=False")),
     ((8, 6), -1, False, None, (), ("tf_ops", "inference of a rank-2 input")),
-    ((8, 4, 4, 3), -1, False, None, (), ("fused", "faster here")),
+    ((8, 4, 4, 3), -1, False, None, (), ("fused", f"faster here: {EAGER}")),
     ((8, 6), -1, True, None, ("mask",), ("tf_ops", "mask needs TF ops")),
     ((8, 6), -1, False, None, ("renorm",), ("tf_ops", "inference of a rank-2 input")),
 ])
@@ -43,7 +46,7 @@ def test_under_xla_tf_ops_are_faster():
 
     reasons = []
     f(tf.zeros((2, 2, 2, 3)))
-    assert tuple(reasons[0]) == ("tf_ops", "faster here")
+    assert tuple(reasons[0]) == ("tf_ops", "faster here: under XLA, which fuses TF ops")
 
 
 def test_fused_true_that_cannot_be_served_names_the_caller():
@@ -52,3 +55,72 @@ def test_fused_true_that_cannot_be_served_names_the_caller():
     assert str(info.value) == (
         "BatchNorm 'bn': fused=True, but the kernel computes plain per-replica statistics "
         "only; received renorm.")
+
+
+def _traced_route(shape, dtype=tf.float32, training=True):
+    """The route of a channels-last call traced in a tf.function."""
+    routes = []
+
+    @tf.function
+    def f(x):
+        routes.append(dispatch.route(x, len(shape) - 1, 1e-5, training=training))
+        return x
+
+    f(tf.zeros(shape, dtype))
+    return tuple(routes[0])
+
+
+@cpu_only
+@pytest.mark.parametrize("kind", ["onednn", "eigen"])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_traced_channels_last_route_follows_the_table_for_each_cpu_kind(
+        monkeypatch, kind, dtype, training):
+    # Each (kind, training, half) entry of FUSED_FROM decides: the kernel
+    # from that many values on, TF ops below it (or always, for None).
+    monkeypatch.setattr(dispatch, "cpu_kind", lambda: kind)
+    least = dispatch.FUSED_FROM[(kind, training, dtype == tf.bfloat16)]
+    mode = "training" if training else "inference"
+    where = (f"{mode} of {'half-precision' if dtype == tf.bfloat16 else 'float32'} "
+             f"values with {'oneDNN' if kind == 'onednn' else 'Eigen (oneDNN off)'}")
+    small, large = (4, 4, 4, 8), (16, 32, 32, 64)  # 512 and 2^20 values
+    if least is None:
+        assert _traced_route(large, dtype, training) == (
+            "tf_ops", f"faster here: {where}: TF ops at any size")
+        return
+    assert _traced_route(small, dtype, training) == (
+        "tf_ops", f"faster here: {where}: 512 values, TF ops below {least}")
+    assert _traced_route(large, dtype, training) == (
+        "fused", f"faster here: {where}: 1048576 values, the kernel from {least}")
+
+
+@cpu_only
+def test_an_unknown_batch_counts_as_keras_default_batch_size(monkeypatch):
+    monkeypatch.setattr(dispatch, "cpu_kind", lambda: "onednn")
+    routes = []
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 64])])
+    def f(x):
+        routes.append(dispatch.route(x, 3, 1e-5, training=True))
+        return x
+
+    f.get_concrete_function()
+    assert tuple(routes[0]) == (
+        "tf_ops", "faster here: training of float32 values with oneDNN: 131072 values, "
+        f"TF ops below {dispatch.FUSED_FROM[('onednn', True, False)]}")
+
+
+@pytest.mark.parametrize("setting, kind", [("0", "eigen"), ("1", "onednn")])
+def test_cpu_kind_follows_tensorflow_onednn_setting(setting, kind):
+    # TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import: a fresh
+    # process per setting.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-c", "from keras_bn import dispatch; print(dispatch.cpu_kind())"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == kind
