@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,24 +54,57 @@ def _sync():
         tf.test.experimental.sync_devices()
 
 
-def environment():
-    """Hardware and versions, written next to every set of figures."""
-    cpu = platform.processor() or "unknown"
+# The CPU flags that decide TensorFlow's CPU kernels: oneDNN is on by
+# default only with AVX-512 VNNI/BF16 or AMX, and its kernels use them.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
+             "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo():
+    """(model name, its flags among CPU_FLAGS) from /proc/cpuinfo."""
+    model, flags = platform.processor() or "unknown", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if model != "unknown" and flags:
                     break
     except OSError:
         pass
+    return model, [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def git_commit():
+    """The checkout's commit (with -dirty for uncommitted changes)."""
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True,
+            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        ).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment():
+    """Hardware, oneDNN, versions and commit, written next to every set of
+    figures."""
+    from keras_bn import dispatch
+
+    cpu, flags = _cpuinfo()
     gpus = [
         tf.config.experimental.get_device_details(d).get("device_name", d.name)
         for d in tf.config.list_physical_devices("GPU")
     ]
     return {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cpu_count": os.cpu_count(),
+        "onednn": dispatch.cpu_kind() == "onednn",
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
         "gpus": gpus,
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
@@ -78,6 +112,8 @@ def environment():
         "keras_bn": keras_bn.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
+        "git": git_commit(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
     }
 
 

@@ -243,15 +243,6 @@ def table_row(row):
             f"| {m['keras']:.0f} | {m['keras_bn']:.0f} |")
 
 
-def _git_commit():
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True,
-            text=True, cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -299,7 +290,6 @@ def main(argv=None):
                       "cross-entropy",
         "predict": "Keras predict_on_batch (the compiled predict function)",
         "load_average_at_start": list(os.getloadavg()),
-        "git": _git_commit(),
     }
     results, environment = [], None
 

@@ -95,3 +95,21 @@ def test_gpu_check_stops_before_any_step_when_a_test_file_is_missing(tmp_path):
     assert result.stderr.startswith(
         f"gpu_check.sh: test files not found in {tmp_path}: tests/test_gpu.py tests/test_ops.py ")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, onednn", [("0", False), ("1", True)])
+def test_environment_records_onednn_cpu_flags_versions_and_commit(setting, onednn):
+    # Figures depend on the CPU kind: each set says which one it came from.
+    import subprocess
+    import sys
+
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import bench_layers; "
+            "print(json.dumps(bench_layers.environment()))")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env=dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr
+    env = json.loads(done.stdout.splitlines()[-1])
+    assert env["onednn"] is onednn and env["TF_ENABLE_ONEDNN_OPTS"] == setting
+    assert isinstance(env["cpu_flags"], list) and env["cpu"]
+    assert env["git"] and env["tensorflow"] and env["keras"] and env["keras_bn"]
