@@ -12,7 +12,10 @@ compiled alike (SGD, sparse categorical cross-entropy, Keras's default
 - first step: s of the first `train_on_batch` (tracing, graph optimization
   and the first run, what a user waits for before training starts);
 - peak RSS: the peak resident memory of a short training run (the first
-  step and a few more), `getrusage(RUSAGE_SELF).ru_maxrss` of the process.
+  step and a few more), `getrusage(RUSAGE_SELF).ru_maxrss` of the process;
+- with `--floor`, train step and predict of the same model with every batch
+  norm removed (an identity), timed with the other two: the ratio to Keras
+  that a batch norm costing nothing would reach.
 
 Train step and predict times come from one process holding both models:
 warm-up calls excluded, then keras and keras_bn called in turn, in
@@ -84,6 +87,28 @@ def _build(args, kind):
     return model, count
 
 
+def _without_batch_norm(args):
+    """The same model with every batch norm an identity: the floor that a
+    batch norm costing nothing would reach."""
+    import keras
+
+    class Identity(keras.layers.Layer):
+        def call(self, inputs, training=None, mask=None):
+            return inputs
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return Identity(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    source, _ = _build(args, "keras")
+    model = keras.models.clone_model(source, clone_function=clone)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+    return model
+
+
 def _data(args):
     import numpy as np
     import tensorflow as tf
@@ -115,6 +140,8 @@ def child_steady(args):
     models = {kind: _build(args, kind)[0] for kind in KINDS}
     x, y = _data(args)
     outputs = {kind: model.predict_on_batch(x) for kind, model in models.items()}
+    if args.floor:
+        models["no_batch_norm"] = _without_batch_norm(args)
     difference = float(np.max(np.abs(outputs["keras"] - outputs["keras_bn"])))
     for model in models.values():
         for _ in range(args.warmup):
@@ -205,6 +232,8 @@ def _run_child(args, mode, **extra):
                "--batch", str(args.batch), "--size", str(args.size),
                "--classes", str(args.classes), "--repeats", str(args.repeats),
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    if args.floor:
+        command.append("--floor")
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
@@ -244,6 +273,11 @@ def measure(args, model, policy):
     }
     for name in ("train_step_ms", "predict_ms", "first_step_s", "peak_rss_mib"):
         row[name.rsplit("_", 1)[0] + "_ratio"] = _ratio(row[name])
+    if args.floor:
+        # The ratio a batch norm costing nothing would have.
+        for name in ("train_step_ms", "predict_ms"):
+            row[name.rsplit("_", 1)[0] + "_floor_ratio"] = (
+                row[name]["no_batch_norm"] / row[name]["keras"])
     return row, steady["environment"]
 
 
@@ -280,6 +314,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5,
                         help="training steps of the peak-RSS run")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time each model with its batch norms removed "
+                             "(train step and predict): what no batch norm at all costs")
     parser.add_argument("--child", choices=("steady", "first"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -320,13 +357,15 @@ def main(argv=None):
                 json.dump({"environment": environment, "settings": settings,
                            "results": results}, f, indent=1)
 
-    print(HEADER)
-    print("|" + " --- |" * 3 + " ---: |" * 10)
+    print(HEADER + (" train floor | predict floor |" if args.floor else ""))
+    print("|" + " --- |" * 3 + " ---: |" * (12 if args.floor else 10))
     for model in models:
         for policy in policies:
             row, environment = measure(args, model, policy)
             results.append(row)
-            print(table_row(row), flush=True)
+            print(table_row(row) + (f" {row['train_step_floor_ratio']:.2f} | "
+                                    f"{row['predict_floor_ratio']:.2f} |" if args.floor else ""),
+                  flush=True)
             write()
     print(json.dumps(environment))
     return results

@@ -3,11 +3,10 @@
 `route` returns the choice with its reason, as data a test (or a curious
 user) can read; `train` and `infer` run the chosen kernel. The speed
 reasons were measured per CPU kind (benchmarks/README.md, "Kernel choice"):
-the fused kernel has a fixed cost per call (its accuracy guard's second,
-4-row kernel, the custom gradient) that pays off only on large tensors, and
-on an Eigen CPU (oneDNN off) its float32 training pass never beats TF ops;
-its channels-first form is slower than TF ops; under XLA, which fuses plain
-ops, TF ops win. On a GPU cuDNN takes either layout natively. In a graph, an
+in training the fused kernel has a fixed cost per call (its accuracy
+guard's second, 4-row kernel, the custom gradient) that a tiny tensor does
+not repay; its channels-first form is slower than TF ops; under XLA, which
+fuses plain ops, TF ops win. On a GPU cuDNN takes either layout natively. In a graph, an
 inference right after a convolution joins it (`conv_fold`).
 """
 
@@ -31,20 +30,25 @@ Route = collections.namedtuple("Route", ["kernel", "reason"])
 
 
 # The fewest values (N * H * W * C) of a channels-last input for which the
-# fused kernel beats TF ops in a traced function, per (CPU kind, training,
-# half precision); None where it never does. Measured on 2-core AMD EPYC and
-# Xeon machines (benchmarks/README.md, "Kernel choice"): below 2^17 values
-# the kernel's fixed cost loses (up to 1.9x Keras's time at 16x4x4x32 where
-# TF ops take 1.0x); from 2^19 it wins (0.3-0.9x).
+# fused kernel serves a traced call, per (CPU kind, training, half
+# precision), rather than TF ops (benchmarks/README.md, "Kernel choice").
+# Alone in a function, the kernel's fixed cost per call (the accuracy
+# guard's second kernel, the custom gradient) loses to TF ops below 2^17
+# values on either kind (up to 1.9x Keras's time at 2^13 where TF ops take
+# 1.0x). In whole models less of it shows, and the kernel keeps less memory
+# and traces faster: the limits below are where whole models were fastest,
+# the same on both kinds (MobileNetV2's train step: all-kernel 0.96x of
+# Keras's with oneDNN and 1.07x on Eigen, with these limits 0.91x and
+# 0.97x; its inference is fastest with the kernel at any size).
 FUSED_FROM = {
-    ("onednn", True, False): 2**18,
-    ("onednn", True, True): 2**18,
-    ("onednn", False, False): 2**18,
-    ("onednn", False, True): 2**18,
-    ("eigen", True, False): None,
-    ("eigen", True, True): 2**19,
-    ("eigen", False, False): 2**18,
-    ("eigen", False, True): 2**18,
+    ("onednn", True, False): 2**16,
+    ("onednn", True, True): 2**16,
+    ("onednn", False, False): 0,
+    ("onednn", False, True): 0,
+    ("eigen", True, False): 2**16,
+    ("eigen", True, True): 2**16,
+    ("eigen", False, False): 0,
+    ("eigen", False, True): 0,
 }
 
 
