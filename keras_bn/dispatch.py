@@ -31,21 +31,23 @@ Route = collections.namedtuple("Route", ["kernel", "reason"])
 
 # The fewest values (N * H * W * C) of a channels-last input for which the
 # fused kernel serves a traced call, per (CPU kind, training, half
-# precision), rather than TF ops (benchmarks/README.md, "Kernel choice").
-# Alone in a function, the kernel's fixed cost per call (the accuracy
-# guard's second kernel, the custom gradient) loses to TF ops below 2^17
-# values on either kind (up to 1.9x Keras's time at 2^13 where TF ops take
-# 1.0x). In whole models less of it shows, and the kernel keeps less memory
-# and traces faster: the limits below are where whole models were fastest,
-# the same on both kinds (MobileNetV2's train step: all-kernel 0.96x of
-# Keras's with oneDNN and 1.07x on Eigen, with these limits 0.91x and
-# 0.97x; its inference is fastest with the kernel at any size).
+# precision), rather than TF ops; None: TF ops at any size (benchmarks/
+# README.md, "Kernel choice"). Alone in a function, the kernel's fixed cost
+# per call (the accuracy guard's second kernel, the custom gradient) loses
+# to TF ops below 2^17 values on either kind (up to 1.9x Keras's time at
+# 2^13 where TF ops take 1.0x), and on an Eigen CPU its float32 training
+# step never beats TF ops (dense 256x4096: 1.15x Keras's against TF ops'
+# 0.96x). In whole models less of the fixed cost shows, and the kernel
+# keeps less memory: the limits below are where whole models were fastest
+# (MobileNetV2's train step with oneDNN: all-kernel 0.96x of Keras's, with
+# TF ops below 2^16 values 0.91x; inference is fastest with the kernel at
+# any size).
 FUSED_FROM = {
     ("onednn", True, False): 2**16,
     ("onednn", True, True): 2**16,
     ("onednn", False, False): 0,
     ("onednn", False, True): 0,
-    ("eigen", True, False): 2**16,
+    ("eigen", True, False): None,
     ("eigen", True, True): 2**16,
     ("eigen", False, False): 0,
     ("eigen", False, True): 0,
