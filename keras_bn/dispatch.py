@@ -31,27 +31,30 @@ Route = collections.namedtuple("Route", ["kernel", "reason"])
 
 # The fewest values (N * H * W * C) of a channels-last input for which the
 # fused kernel serves a traced call, per (CPU kind, training, half
-# precision), rather than TF ops; None: TF ops at any size (benchmarks/
-# README.md, "Kernel choice"). Alone in a function, the kernel's fixed cost
-# per call (the accuracy guard's second kernel, the custom gradient) loses
-# to TF ops below 2^17 values on either kind (up to 1.9x Keras's time at
-# 2^13 where TF ops take 1.0x), and on an Eigen CPU its float32 training
-# step never beats TF ops (dense 256x4096: 1.15x Keras's against TF ops'
-# 0.96x). In whole models less of the fixed cost shows, and the kernel
-# keeps less memory: the limits below are where whole models were fastest
-# (MobileNetV2's train step with oneDNN: all-kernel 0.96x of Keras's, with
-# TF ops below 2^16 values 0.91x; inference is fastest with the kernel at
-# any size).
+# precision), rather than TF ops (benchmarks/README.md, "Kernel choice").
+# Alone in a function, the kernel's fixed cost per call (the accuracy
+# guard's second kernel, the custom gradient) loses to TF ops below 2^17
+# values on either kind (up to 1.9x Keras's time at 2^13 where TF ops take
+# 1.0x). In whole models less of it shows, and the kernel keeps less memory
+# and traces faster: the limits are where whole models were fastest
+# (MobileNetV2's train step: all-kernel 0.96x of Keras's with oneDNN and
+# 1.07x on Eigen, TF ops everywhere 1.03x on Eigen, TF ops below 2^16
+# values 0.91x and 0.97x); inference is fastest with the kernel at any size.
 FUSED_FROM = {
     ("onednn", True, False): 2**16,
     ("onednn", True, True): 2**16,
     ("onednn", False, False): 0,
     ("onednn", False, True): 0,
-    ("eigen", True, False): None,
+    ("eigen", True, False): 2**16,
     ("eigen", True, True): 2**16,
     ("eigen", False, False): 0,
     ("eigen", False, True): 0,
 }
+# Where a dense (rank-2) input takes TF ops at any size: float32 training
+# on an Eigen CPU, where the kernel never beat them (256x4096: 1.15x of
+# Keras's time against TF ops' 1.01x; 4096x256: 1.06x against 0.86x) and
+# no whole model had a dense batch norm to weigh against that.
+DENSE_TF_OPS = {("eigen", True, False)}
 
 
 def cpu_kind():
@@ -77,10 +80,13 @@ def fused_is_faster(x, axis, training=True):
         return True, "eagerly, one kernel instead of many ops"
     kind = cpu_kind()
     half = x.dtype in (tf.float16, tf.bfloat16)
-    least = FUSED_FROM[(kind, training is not False, half)]
+    key = (kind, training is not False, half)
     where = (f"{'training' if training is not False else 'inference'} of "
              f"{'half-precision' if half else 'float32'} values with "
              f"{'oneDNN' if kind == 'onednn' else 'Eigen (oneDNN off)'}")
+    if x.shape.rank == 2 and key in DENSE_TF_OPS:
+        return False, f"{where}: TF ops at any size for a dense input"
+    least = FUSED_FROM[key]
     if least is None:
         return False, f"{where}: TF ops at any size"
     values = _values(x)

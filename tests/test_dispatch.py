@@ -96,14 +96,24 @@ def test_traced_channels_last_route_follows_the_table_for_each_cpu_kind(
 @cpu_only
 def test_traced_training_of_a_tiny_tensor_takes_tf_ops_and_a_large_one_the_kernel(monkeypatch):
     # The table's point, whatever its exact limits: the kernel's fixed cost
-    # per call is not repaid by 512 values, and is by 2^20 with oneDNN; on
-    # an Eigen CPU float32 training takes TF ops at any size.
+    # per call is not repaid by 512 values, and is by 2^20, on either kind.
     monkeypatch.setattr(dispatch, "cpu_kind", lambda: "onednn")
     assert _traced_route((4, 4, 4, 8))[0] == "tf_ops"
     assert _traced_route((16, 32, 32, 64))[0] == "fused"
     monkeypatch.setattr(dispatch, "cpu_kind", lambda: "eigen")
-    assert _traced_route((16, 32, 32, 64))[0] == "tf_ops"
-    assert _traced_route((16, 32, 32, 64), tf.bfloat16)[0] == "fused"
+    assert _traced_route((16, 32, 32, 64))[0] == "fused"
+
+
+@cpu_only
+def test_dense_float32_training_on_eigen_takes_tf_ops_at_any_size(monkeypatch):
+    monkeypatch.setattr(dispatch, "cpu_kind", lambda: "eigen")
+    assert _traced_route((4096, 256)) == (
+        "tf_ops", "faster here: training of float32 values with Eigen (oneDNN off): "
+        "TF ops at any size for a dense input")
+    assert _traced_route((4096, 256), tf.bfloat16)[0] == "fused"
+    assert _traced_route((4096, 256), training=False)[0] == "tf_ops"  # rank-2 inference
+    monkeypatch.setattr(dispatch, "cpu_kind", lambda: "onednn")
+    assert _traced_route((4096, 256))[0] == "fused"
 
 
 @cpu_only
