@@ -32,6 +32,7 @@ def _kernel_at_any_size(monkeypatch):
     from keras_bn import dispatch
 
     monkeypatch.setattr(dispatch, "FUSED_FROM", dict.fromkeys(dispatch.FUSED_FROM, 0))
+    monkeypatch.setattr(dispatch, "DENSE_TF_OPS", set())
 
 
 def _graph_ops(fn, *specs, jit=False, branches=True):
