@@ -24,6 +24,11 @@ import tensorflow as tf
 from keras_bn import ops
 
 
+def _data_format(axis):
+    """The 4-D layout with its channel on `axis` (1 or 3)."""
+    return "NHWC" if axis == 3 else "NCHW"
+
+
 def _producer(x, data_format):
     """(convolution op, bias tensor or None) if `x` is a convolution's
     output, possibly through a BiasAdd, in `data_format`; else None."""
@@ -59,8 +64,8 @@ def bias_absorbed(x, gamma, beta, mean, variance, epsilon, data_format):
     if found is None or found[0].type != "Conv2D" or found[1] is None:
         return x, beta, mean
     bias = tf.cast(found[1], mean.dtype)
-    inv = gamma * tf.math.rsqrt(variance + epsilon)
-    return (found[0].outputs[0], beta + _zero_with_gradient(bias) * inv,
+    return (found[0].outputs[0],
+            beta + _zero_with_gradient(bias) * ops.scale(variance, gamma, epsilon),
             mean - tf.stop_gradient(bias))
 
 
@@ -73,7 +78,7 @@ def joins(x, axis):
     """
     if x.shape.rank != 4 or axis not in (1, 3):
         return None
-    found = _producer(x, "NHWC" if axis == 3 else "NCHW")
+    found = _producer(x, _data_format(axis))
     if found is None:
         return None
     if found[0].type == "Conv2D" and x.dtype != tf.float32:
@@ -87,7 +92,7 @@ def into_depthwise(x, mean, variance, gamma, beta, epsilon, axis):
 
     Requires `joins(x, axis) == "DepthwiseConv2dNative"`.
     """
-    data_format = "NHWC" if axis == 3 else "NCHW"
+    data_format = _data_format(axis)
     conv, bias = _producer(x, data_format)
     a, b = ops.scale_and_offset(mean, variance, gamma, beta, epsilon)
     if bias is not None:

@@ -140,18 +140,22 @@ def moments(x, axis=-1):
     return tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
 
 
+def scale(variance, gamma, epsilon):
+    """Per channel, gamma / sqrt(variance + epsilon): the factor batch norm
+    multiplies the centred input by."""
+    # tf.constant, not tf.cast: a cast goes through float32 and would round
+    # epsilon for float64 statistics.
+    a = tf.math.rsqrt(variance + tf.constant(epsilon, variance.dtype))
+    return a if gamma is None else a * gamma
+
+
 def scale_and_offset(mean, variance, gamma, beta, epsilon):
     """Per-channel a, b such that batch norm is `x * a + b`.
 
-    a = gamma / sqrt(variance + epsilon), b = beta - mean * a. This is the
-    inference form that converters fold into the preceding layer.
+    a = `scale(...)`, b = beta - mean * a. This is the inference form that
+    converters fold into the preceding layer.
     """
-    # tf.constant, not tf.cast: a cast goes through float32 and would round
-    # epsilon for float64 statistics.
-    epsilon = tf.constant(epsilon, variance.dtype)
-    a = tf.math.rsqrt(variance + epsilon)
-    if gamma is not None:
-        a = a * gamma
+    a = scale(variance, gamma, epsilon)
     b = -mean * a
     if beta is not None:
         b = beta + b
