@@ -87,8 +87,6 @@ def fused_is_faster(x, axis, training=True):
     if x.shape.rank == 2 and key in DENSE_TF_OPS:
         return False, f"{where}: TF ops at any size for a dense input"
     least = FUSED_FROM[key]
-    if least is None:
-        return False, f"{where}: TF ops at any size"
     values = _values(x)
     if values >= least:
         return True, f"{where}: {values} values, the kernel from {least}"

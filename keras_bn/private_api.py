@@ -5,6 +5,8 @@ Keras or TensorFlow upgrade that moves one breaks one function, not the
 package, and each says what happens then.
 """
 
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -45,10 +47,11 @@ def all_layers(model):
     return list(model._flatten_layers(include_self=True, recursive=True))
 
 
+@functools.cache
 def onednn_enabled():
     """Whether TensorFlow runs its CPU ops through oneDNN in this process.
 
-    TensorFlow decides at import, from TF_ENABLE_ONEDNN_OPTS or, unset, from
+    TensorFlow decides once, at import, from TF_ENABLE_ONEDNN_OPTS or, unset, from
     the CPU (on by default only with AVX-512 VNNI/BF16 or AMX); only its
     private util port says what it decided. Should that move, the answer is
     False: the Eigen CPU's kernel choices, which cost only speed.

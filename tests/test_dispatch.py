@@ -77,16 +77,14 @@ def _traced_route(shape, dtype=tf.float32, training=True):
 def test_traced_channels_last_route_follows_the_table_for_each_cpu_kind(
         monkeypatch, kind, dtype, training):
     # Each (kind, training, half) entry of FUSED_FROM decides: the kernel
-    # from that many values on, TF ops below it (or always, for None).
+    # from that many values on, TF ops below it.
     monkeypatch.setattr(dispatch, "cpu_kind", lambda: kind)
     least = dispatch.FUSED_FROM[(kind, training, dtype == tf.bfloat16)]
     mode = "training" if training else "inference"
     where = (f"{mode} of {'half-precision' if dtype == tf.bfloat16 else 'float32'} "
              f"values with {'oneDNN' if kind == 'onednn' else 'Eigen (oneDNN off)'}")
     for shape, values in (((4, 4, 4, 8), 512), ((16, 16, 16, 32), 2**17)):
-        if least is None:
-            want = ("tf_ops", f"faster here: {where}: TF ops at any size")
-        elif values >= least:
+        if values >= least:
             want = ("fused", f"faster here: {where}: {values} values, the kernel from {least}")
         else:
             want = ("tf_ops", f"faster here: {where}: {values} values, TF ops below {least}")
