@@ -119,14 +119,14 @@ def _data(args):
     return tf.constant(x, tf.float32), tf.constant(y, tf.int32)
 
 
-def _interleaved(calls, repeats):
+def interleaved(calls, repeats):
     """Median seconds per call of each of `calls`, taken in turn."""
     times = {name: [] for name in calls}
     names = list(calls)
     for repeat in range(repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:
             start = time.perf_counter()
-            calls[name]()  # returns NumPy values: the work has finished
+            calls[name]()  # returns once its work is done (NumPy values, CPU tensors)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -147,10 +147,10 @@ def child_steady(args):
         for _ in range(args.warmup):
             model.train_on_batch(x, y)
             model.predict_on_batch(x)
-    train = _interleaved(
+    train = interleaved(
         {kind: (lambda m=m: m.train_on_batch(x, y)) for kind, m in models.items()},
         args.repeats)
-    predict = _interleaved(
+    predict = interleaved(
         {kind: (lambda m=m: m.predict_on_batch(x)) for kind, m in models.items()},
         args.repeats)
     return {

@@ -14,9 +14,8 @@ order, warm-up excluded, medians of the repeats. Run it once per CPU kind:
 
 import argparse
 import json
+import math
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -25,6 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_bn  # noqa: E402
 from bench_layers import environment  # noqa: E402
+from bench_models import interleaved  # noqa: E402
 
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
@@ -72,14 +72,8 @@ def time_case(shape, dtype, training, repeats, warmup):
     for fn in fns.values():
         for _ in range(warmup):
             fn(x)
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for repeat in range(repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            fns[name](x)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    seconds = interleaved({name: (lambda fn=fn: fn(x)) for name, fn in fns.items()}, repeats)
+    return {name: t * 1e6 for name, t in seconds.items()}
 
 
 def main(argv=None):
@@ -102,9 +96,7 @@ def main(argv=None):
                 if mode == "inference" and kind == "dense":
                     continue  # rank-2 inference always takes TF ops (foldable)
                 t = time_case(shape, dtype, mode == "train_step", repeats, warmup)
-                values = 1
-                for d in shape:
-                    values *= d
+                values = math.prod(shape)
                 row = {"mode": mode, "dtype": dtype, "shape": list(shape), "values": values,
                        "us": t, "fused_ratio": t["fused"] / t["keras"],
                        "tf_ops_ratio": t["tf_ops"] / t["keras"]}
