@@ -94,6 +94,20 @@ def test_absorbed_bias_gives_the_same_outputs_and_every_gradient(graph):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@tf.function
+def _d_of_gamma_gradient(model, x, names):
+    """Derivatives of d loss / d gamma (nested tapes, in a graph) with
+    respect to the named weights of the model's convolution and batch
+    norm (its first two layers), for loss = sum(sin(bn(conv(x))))."""
+    conv, bn = model.layers[0], model.layers[1]
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = tf.reduce_sum(tf.sin(bn(conv(x), training=False)))
+        g_gamma = inner.gradient(loss, bn.gamma)
+    weights = {"kernel": conv.kernel, "bias": conv.bias, "beta": bn.beta}
+    return outer.gradient(g_gamma, [weights[name] for name in names])
+
+
 def test_absorbed_bias_second_derivatives_are_exact():
     # d/d bias of (d loss / d gamma): the cross term the offset's carrier
     # must keep. Reference: the same model through TF ops.
@@ -102,17 +116,8 @@ def test_absorbed_bias_second_derivatives_are_exact():
     reference.set_weights(model.get_weights())
     x = tf.constant(np.random.RandomState(3).normal(size=(3, 7, 7, 3)), tf.float32)
 
-    @tf.function
-    def hessian_row(model, x):
-        conv, bn = model.layers[0], model.layers[1]
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                y = model.layers[1](model.layers[0](x), training=False)
-                loss = tf.reduce_sum(tf.sin(y))
-            g_gamma = inner.gradient(loss, bn.gamma)
-        return outer.gradient(g_gamma, [conv.bias, conv.kernel])
-
-    for g, w in zip(hessian_row(model, x), hessian_row(reference, x)):
+    for g, w in zip(_d_of_gamma_gradient(model, x, ["bias", "kernel"]),
+                    _d_of_gamma_gradient(reference, x, ["bias", "kernel"])):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
@@ -178,16 +183,8 @@ def test_depthwise_fold_second_derivatives_are_exact():
     reference.set_weights(model.get_weights())
     x = tf.constant(np.random.RandomState(3).normal(size=(2, 7, 7, 4)), tf.float32)
 
-    @tf.function
-    def hessian_row(model, x):
-        conv, bn = model.layers[0], model.layers[1]
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                loss = tf.reduce_sum(tf.sin(bn(conv(x), training=False)))
-            g_gamma = inner.gradient(loss, bn.gamma)
-        return outer.gradient(g_gamma, [conv.kernel, conv.bias, bn.beta])
-
-    for g, w in zip(hessian_row(model, x), hessian_row(reference, x)):
+    for g, w in zip(_d_of_gamma_gradient(model, x, ["kernel", "bias", "beta"]),
+                    _d_of_gamma_gradient(reference, x, ["kernel", "bias", "beta"])):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
