@@ -166,7 +166,7 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
             x, gamma, beta, epsilon, axis,
             replica_ctx=replica_ctx if synchronize else None,
             virtual_batch_size=virtual_batch_size, mask=mask,
-            correction=correction, short_axis_plain=private_api.in_xla_context())
+            correction=correction)
     stats = ops.BatchStats(*(tf.stop_gradient(t) for t in stats))
     if replica_ctx is not None and not synchronize:
         # Each replica normalized with its own statistics; the moving ones

@@ -37,12 +37,28 @@ def all_sum(ctx, value):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
-def replica_moments(ctx, count, mean, variance, merge):
+def replica_moments(ctx, count, mean, variance, merge, shift=None):
     """Every replica's (C,) count, mean and variance, gathered in one
     all-reduce and merged by `merge` (`ops.merge_moments` for the global
-    batch's statistics, `ops.pooled_moments` for the replicas' average)."""
+    batch's statistics, `ops.pooled_moments` for the replicas' average).
+
+    With `shift`, each replica's mean is relative to its own shift (see
+    `ops.shifted_moments`), and so is the merged mean returned. The parts
+    are merged relative to one common shift, the one of the replica with
+    the most values: the differences of shifts and the relative means are
+    small, so the merge's squared distances lose nothing to a large
+    common offset, and every replica computes the same merged statistics.
+    """
     # An empty replica batch has NaN statistics; its count of 0 drops it.
     mean = tf.where(count > 0, mean, 0.0)
     variance = tf.where(count > 0, variance, 0.0)
-    rows = gather_rows(ctx, tf.stack([count, mean, variance]))
-    return merge(rows[:, 0], rows[:, 1], rows[:, 2])
+    own_shift = tf.zeros_like(mean) if shift is None else tf.where(count > 0, shift, 0.0)
+    rows = gather_rows(ctx, tf.stack([count, own_shift, mean, variance]))
+    counts, shifts = rows[:, 0], rows[:, 1]
+    most = tf.argmax(counts, 0)
+    common = tf.gather(tf.transpose(shifts), most[:, None], batch_dims=1)[:, 0]
+    count, merged_mean, merged_variance = merge(
+        counts, (shifts - common) + rows[:, 2], rows[:, 3])
+    if shift is None:
+        return count, common + merged_mean, merged_variance
+    return count, merged_mean + (common - own_shift), merged_variance

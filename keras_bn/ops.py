@@ -46,22 +46,6 @@ def _mean(x, axes):
     return staged(tf.reduce_mean, x, axes)
 
 
-def _two_pass(x, axes):
-    """Corrected two-pass moments: mean((x - m)^2) - mean(x - m)^2.
-
-    The second term removes the rounding error of `m` itself, which a long
-    unstaged float32 sum leaves large when the data sit on a big offset.
-    """
-    mean = _mean(x, axes)
-    centered = x - tf.stop_gradient(mean)
-    residual = _mean(centered, axes)
-    variance = _mean(tf.square(centered), axes)
-    variance = tf.maximum(variance - tf.square(residual), 0.0)
-    # The residual corrects the mean's value, not its gradient (which
-    # `mean` already carries in full).
-    return mean + tf.stop_gradient(residual), variance
-
-
 def _plain_two_pass(x, axes):
     mean = _mean(x, axes)
     return mean, _mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
@@ -73,17 +57,15 @@ _STAGE = 32
 _MIN_STAGED = 1024
 
 
-def staged_moments(x, axes, short_axis_plain=False):
-    """Keepdims mean and biased variance of x over `axes`, in stages.
+def staged_moments(x, axes):
+    """Keepdims mean and biased variance of x over `axes`: mean((x - m)^2).
 
-    Every reduction is split in two (the inner axes, then the outer), so no
-    float32 running sum grows long: the mean is then accurate enough that a
-    plain second pass, mean((x - m)^2), needs no correction. That is one
-    reduction fewer than `_two_pass`, which serves when nothing can be
-    staged (one short or odd-length axis), or, with `short_axis_plain`
-    (under XLA, which sums a short axis accurately and pays a pass for the
-    correction), a plain two-pass. Figures: benchmarks/README.md, "Staged
-    statistics".
+    Every reduction is split in two (the inner axes, then the outer; one
+    long axis as [n/32, 32]), so that no float32 running sum grows long.
+    The plain second pass is exact only for data near zero: a mean off by
+    d adds d^2 to the variance, and a float32 mean of data at 1e6 is off by
+    up to 0.03 (half its last place). Callers hand it data shifted by
+    `shift_of` first.
     """
     rank = x.shape.rank
     view, view_axes = x, list(axes)
@@ -91,9 +73,7 @@ def staged_moments(x, axes, short_axis_plain=False):
         a = axes[0]
         n = x.shape[a]
         if n is None or n < _MIN_STAGED or n % _STAGE:
-            if short_axis_plain and n is not None and n < _MIN_STAGED:
-                return _plain_two_pass(x, axes)
-            return _two_pass(x, axes)
+            return _plain_two_pass(x, axes)
         shape = tf.concat([tf.shape(x)[:a], [n // _STAGE, _STAGE], tf.shape(x)[a + 1:]], 0)
         view, view_axes = tf.reshape(x, shape), [a, a + 1]
     mean, variance = _plain_two_pass(view, view_axes)
@@ -102,6 +82,31 @@ def staged_moments(x, axes, short_axis_plain=False):
         keep = tf.stack([1 if i in axes else shape[i] for i in range(rank)])
         mean, variance = tf.reshape(mean, keep), tf.reshape(variance, keep)
     return mean, variance
+
+
+def shift_of(x, axes):
+    """Per channel, one value of the batch itself (the first along `axes`),
+    keepdims, carrying no gradient; 0 for an empty batch.
+
+    Batch norm doesn't change when a channel is shifted by a constant, and
+    data shifted by one of their own values lie within a few standard
+    deviations of zero, where float32 sums lose nothing to a large common
+    offset: x - shift is exact (both are close, Sterbenz), its mean is
+    small, and so is that mean's rounding error. A slice costs no pass over
+    the batch; the sum over at most one value per axis makes an empty
+    slice 0 instead of an empty tensor.
+    """
+    first = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.shape.rank))]
+    return tf.stop_gradient(tf.reduce_sum(first, axes, keepdims=True))
+
+
+def shifted_moments(x, axes):
+    """(shift, mean, variance), keepdims, over `axes`: `shift` from
+    `shift_of`, and the mean and biased variance of `x - shift`, in stages.
+    The mean of x is `shift + mean`; the variance is x's own."""
+    shift = shift_of(x, axes)
+    mean, variance = staged_moments(x - shift, axes)
+    return shift, mean, variance
 
 
 def count_over(x, axes, dtype):
@@ -122,11 +127,10 @@ def count_over(x, axes, dtype):
 def moments(x, axis=-1):
     """Per-channel mean and biased variance of `x` over every axis but `axis`.
 
-    Half-precision inputs are reduced in float32. Sums run in stages (see
-    `_staged_moments`) or, where nothing can be staged, as a corrected two-
-    pass estimate, so that data on a large common offset (1e4 + N(0, 1) in
-    float32) keep their variance. The variance is clamped at 0 because
-    rounding may still leave a tiny negative.
+    Half-precision inputs are reduced in float32. The sums run on data
+    shifted by one of their own values and in stages (`shifted_moments`),
+    so that data on a large common offset (1e6 + N(0, 0.1) in float32)
+    keep their variance; a mean of squares is never negative.
 
     Returns:
         (mean, variance), each of shape (C,).
@@ -136,8 +140,8 @@ def moments(x, axis=-1):
     axis %= rank
     x = tf.cast(x, statistics_dtype(x.dtype))
     axes = [i for i in range(rank) if i != axis]
-    mean, variance = staged_moments(x, axes)
-    return tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
+    shift, mean, variance = shifted_moments(x, axes)
+    return tf.reshape(shift + mean, [-1]), tf.reshape(variance, [-1])
 
 
 def scale(variance, gamma, epsilon):
@@ -179,21 +183,29 @@ def normalize(x, mean, variance, gamma, beta, epsilon, axis):
 
 
 def weighted_moments(x, axes, weights):
-    """Two-pass corrected mean and variance over positions where weights=1.
+    """Mean and variance over the positions where weights=1, as
+    `shifted_moments` computes them.
 
-    Returns keepdims (count, mean, variance); an all-masked reduction gives
-    count 0 and mean 0, variance 0 (divide_no_nan), which the bad-batch
-    guard then refuses for the moving statistics.
+    The shift is the weighted mean itself from a first pass, rather than
+    the batch's first value, which a mask may leave out (Keras pads
+    sequences at the front by default) and which may be padding far from
+    the data.
+
+    Returns:
+        keepdims (count, shift, mean, variance), the mean relative to the
+        shift. An all-masked reduction gives count 0, shift 0, mean 0 and
+        variance 0 (divide_no_nan), which the bad-batch guard then refuses
+        for the moving statistics.
     """
-    total = tf.reduce_sum(weights * x, axes, keepdims=True)
     count = tf.reduce_sum(weights, axes, keepdims=True)
-    mean = tf.math.divide_no_nan(total, count)
-    centered = (x - mean) * weights
-    residual = tf.math.divide_no_nan(tf.reduce_sum(centered, axes, keepdims=True), count)
-    square = tf.math.divide_no_nan(
-        tf.reduce_sum(tf.square(centered), axes, keepdims=True), count)
-    variance = tf.maximum(square - tf.square(residual), 0.0)
-    return count, mean + residual, variance
+
+    def weighted_mean(t):
+        return tf.math.divide_no_nan(tf.reduce_sum(weights * t, axes, keepdims=True), count)
+
+    shift = tf.stop_gradient(weighted_mean(x))
+    shifted = x - shift
+    mean = weighted_mean(shifted)
+    return count, shift, mean, weighted_mean(tf.math.squared_difference(shifted, mean))
 
 
 class BatchStats(collections.namedtuple("BatchStats", ["count", "mean", "variance"])):

@@ -28,13 +28,16 @@ def _attached(value, x, vjp):
 
 
 def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
-          virtual_batch_size=None, mask=None, correction=None,
-          short_axis_plain=False):
+          virtual_batch_size=None, mask=None, correction=None):
     """Training-mode batch norm from TF ops, with a lean custom gradient.
 
-    The backward pass keeps only x, the mean and the inverse std (not the
-    normalized tensor) and needs two per-channel sums, sum(dy) and
-    sum(dy * (x - mean)), reduced side by side so that XLA fuses them into
+    Every channel is first shifted by one of its own values (see
+    `ops.shift_of`; with a mask, by its mean): the statistics, the output
+    and the gradient are all computed from x - shift, which batch norm
+    doesn't see, so that a large common offset costs no digits. The
+    backward pass keeps only x, the shift, the mean and the inverse std
+    (not the normalized tensor) and needs two per-channel sums, sum(dy) and
+    sum(dy * (x - shift)), reduced side by side so that XLA fuses them into
     one pass over dy and x. Gradients of any order are exact: the backward
     pass reads the statistics through `_attached`, which gives an outer tape
     their derivatives with respect to x.
@@ -51,7 +54,6 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
             y = gamma * (x_hat * r + d) + beta. `mean` and `variance` keep
             their reduced dimensions; `broadcast` reshapes a (C,) vector
             to match them.
-        short_axis_plain: see `ops.staged_moments`.
 
     Returns:
         (y, BatchStats); y in x's dtype, statistics in
@@ -81,10 +83,12 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     w = None if weights is None else view(weights)
 
     def stats_of(xs):
+        """keepdims (count, shift, mean relative to the shift, variance)."""
         if w is not None:
             return ops.weighted_moments(xs, axes, w)
-        mean, variance = ops.staged_moments(xs, axes, short_axis_plain)
-        return tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype)), mean, variance
+        shift, mean, variance = ops.shifted_moments(xs, axes)
+        count = tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype))
+        return count, shift, mean, variance
 
     def broadcast(v):
         return v if v.shape.rank == rank else ops.per_channel(v, rank, axis)
@@ -100,25 +104,28 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     @tf.custom_gradient
     def forward(x, *params):
         xs = view(tf.cast(x, stat_dtype))
-        count, mean, variance = stats_of(xs)
+        count, shift, mean, variance = stats_of(xs)
         if replica_ctx is not None:
             shape = tf.shape(mean)
+            shift = tf.broadcast_to(shift, shape)
             count, mean, variance = distributed.replica_moments(
-                replica_ctx, tf.reshape(count, [-1]), tf.reshape(mean, [-1]),
-                tf.reshape(variance, [-1]), ops.merge_moments)
+                replica_ctx, *(tf.reshape(t, [-1]) for t in (count, mean, variance)),
+                ops.merge_moments, shift=tf.reshape(shift, [-1]))
             count, mean, variance = (tf.reshape(t, shape) for t in (count, mean, variance))
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
         inv = tf.math.rsqrt(variance + tf.constant(epsilon, stat_dtype))
         n = tf.maximum(count, 1.0)
         r = d = None
         if correction is not None:
-            r, d = (tf.stop_gradient(t) for t in correction(mean, variance, broadcast))
+            r, d = (tf.stop_gradient(t)
+                    for t in correction(shift + mean, variance, broadcast))
 
         # The statistics as functions of x, for the backward pass (see
         # `_attached`); each derivative reads the others the same way, so
         # every order is exact.
-        def xs_of(x):
-            return _attached(xs, x, lambda g: tf.cast(tf.reshape(g, x_shape), x.dtype))
+        def shifted_of(x):
+            xs_x = _attached(xs, x, lambda g: tf.cast(tf.reshape(g, x_shape), x.dtype))
+            return xs_x - shift
 
         def mean_of(x):
             # d mean / dx = w / n, spread over every position that counts.
@@ -130,7 +137,7 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
                 # d inv = -inv^3 / 2 * d var, d var / dx = 2 w (x - mean) / n
                 inv_x = inv_of(x)
                 return to_x(masked(-total(g) * inv_x * inv_x * inv_x / n
-                                   * (xs_of(x) - mean_of(x))))
+                                   * (shifted_of(x) - mean_of(x))))
             return _attached(inv, x, vjp)
 
         def to_x(t):
@@ -147,19 +154,21 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
             return scale, offset
 
         scale, offset = affine(inv, params)
-        # With batch statistics the input is centred first: x * a + b would
-        # cancel two large terms when |mean| >> std and lose digits.
-        y = (xs - mean) * scale
-        if offset is not None:
-            y = y + offset
+        # From the shifted input: x * a + b would cancel two large terms
+        # when |mean| >> std and lose digits; both terms here are small.
+        bias = -mean * scale if offset is None else offset - mean * scale
+        y = (xs - shift) * scale + bias
 
         def backward(dy, *_):
             dy = view(tf.cast(dy, stat_dtype))
-            inv_x = inv_of(x)
-            centered = xs_of(x) - mean_of(x)
+            inv_x, shifted, mean_x = inv_of(x), shifted_of(x), mean_of(x)
             scale, _ = affine(inv_x, params)
             sum_dy = ops.staged(tf.reduce_sum, dy, axes)
-            sum_dy_centered = ops.staged(tf.reduce_sum, dy * centered, axes)
+            # sum(dy * (x - mean)) from the shifted input, whose distance
+            # to the mean is small: nothing large cancels.
+            # (multiply_no_nan: an empty batch's mean is NaN, its sums 0.)
+            sum_dy_centered = (ops.staged(tf.reduce_sum, dy * shifted, axes)
+                               - tf.math.multiply_no_nan(mean_x, sum_dy))
             # gamma and beta get this replica's share (the optimizer sums
             # replicas); x sees every replica's outputs through the stats.
             grads = []
@@ -177,12 +186,15 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
                 sums = distributed.all_sum(
                     replica_ctx, tf.stack([sum_dy, sum_dy_centered]))
                 sum_dy, sum_dy_centered = sums[0], sums[1]
-            dx = scale * (dy - masked(
-                sum_dy / n + centered * (inv_x * inv_x) * (sum_dy_centered / n)))
+            # scale * (dy - w * (sum_dy / n + (x - mean) * inv^2 *
+            # sum_dy_centered / n)), with x - mean as shifted - mean_x
+            # folded into per-channel factors: as many passes as centring.
+            k = scale * (inv_x * inv_x) * (sum_dy_centered / n)
+            dx = dy * scale - masked(shifted * k + (scale * sum_dy / n - mean_x * k))
             return (to_x(dx), *grads)
 
         y = tf.cast(tf.reshape(y, x_shape), x.dtype)
-        return (y, count, mean, variance), backward
+        return (y, count, shift + mean, variance), backward
 
     params = [p for p in (gamma, beta) if p is not None]
     y, count, mean, variance = forward(x, *params)

@@ -1,0 +1,213 @@
+"""Training statistics exact at any offset.
+
+Float32 data whose channels sit on large means (offset x 1..2) with small
+standard deviations (0.1..1), compared with float64 statistics of the same
+float32 values: what users' reports of batch norm going NaN or not
+converging at large activations come down to. momentum=0, so the moving
+statistics are the batch's own. Every path: eager, graph, XLA, `fit`
+with an unknown batch size; ranks 2-5, channels first and last; ghost
+batches, masks, replicas, renorm and half precision.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_bn import BatchNorm
+
+OFFSETS = [1e4, 1e6]
+# The bound the statistics are held to: 1e-4 of the variance. The TF-ops
+# path measures 1e-7..7e-6 up to 1e6 (docs/numerics.md); the fused kernel
+# sums in float32 and measures up to 7e-5 at these sizes.
+VAR_RTOL = 1e-4
+# The float64 mean of float32 values at 2e6 is itself only represented in
+# float32 to half its last place, 0.125: a relative 1e-7 of the mean.
+MEAN_RTOL = 2e-7
+# Normalized outputs are O(1): a few float32 ulps of the shifted input
+# (the input itself is exact) divided by a standard deviation >= 0.1.
+Y_ATOL = 2e-5
+
+
+def _offset_data(shape, axis, offset, std=(0.1, 1.0), seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    channels = shape[axis]
+    per_channel = [1] * len(shape)
+    per_channel[axis] = channels
+    means = offset * np.linspace(1.0, 2.0, channels).reshape(per_channel)
+    stds = np.linspace(*std, channels).reshape(per_channel)
+    return (means + stds * rng.standard_normal(shape)).astype(dtype)
+
+
+def _reduced(x, axis):
+    return tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+
+
+def _float64_batch_norm(x, axis, epsilon=1e-5):
+    """(y, mean, variance) of float32 values, computed in float64."""
+    x = np.asarray(x, np.float64)
+    axes = _reduced(x, axis)
+    mean, var = x.mean(axes, keepdims=True), x.var(axes, keepdims=True)
+    return (x - mean) / np.sqrt(var + epsilon), mean.ravel(), var.ravel()
+
+
+def _assert_statistics(layer, mean, var, var_rtol=VAR_RTOL):
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=var_rtol)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=MEAN_RTOL)
+
+
+def _call(layer, x, mode):
+    if mode == "eager":
+        return layer(x, training=True)
+    spec = tf.TensorSpec((None,) + x.shape[1:], x.dtype) if mode.endswith("unknown") else None
+    fn = tf.function(lambda t: layer(t, training=True), jit_compile=mode.startswith("xla"),
+                     input_signature=None if spec is None else [spec])
+    return fn(x)
+
+
+CASES = {
+    "dense": ((256, 6), -1),
+    "nhwc": ((8, 6, 6, 5), -1),
+    "nchw": ((8, 5, 6, 6), 1),
+    "rank3": ((16, 12, 5), -1),
+    "rank5": ((4, 3, 4, 4, 5), -1),
+    "rank5_channels_first": ((4, 5, 3, 4, 4), 1),
+    "long_axis": ((4096, 3), -1),
+}
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla", "graph_unknown", "xla_unknown"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_statistics_and_output_exact_at_an_offset(case, mode, offset, both_paths):
+    shape, axis = CASES[case]
+    x = _offset_data(shape, axis, offset)
+    layer = BatchNorm(axis=axis, momentum=0.0)
+    y = _call(layer, x, mode)
+    want_y, mean, var = _float64_batch_norm(x, axis)
+    _assert_statistics(layer, mean, var)
+    np.testing.assert_allclose(y.numpy(), want_y, atol=Y_ATOL)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("case", ["dense", "nhwc", "nchw"])
+def test_fit_with_unknown_batch_size_exact_at_1e6(case, jit_compile):
+    shape, axis = CASES[case]
+    x = _offset_data(shape, axis, 1e6)
+    layer = BatchNorm(axis=axis, momentum=0.0)
+    model = keras.Sequential([keras.Input(shape[1:]), layer])
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=jit_compile)
+    model.fit(x, np.zeros_like(x), batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    _, mean, var = _float64_batch_norm(x, axis)
+    _assert_statistics(layer, mean, var)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_ghost_batches_exact_at_1e6(mode):
+    x = _offset_data((32, 4), -1, 1e6)
+    layer = BatchNorm(momentum=0.0, virtual_batch_size=8)
+    y = _call(layer, x, mode)
+    groups = [_float64_batch_norm(g, -1) for g in np.split(x, 4)]
+    np.testing.assert_allclose(y.numpy(), np.concatenate([g[0] for g in groups]), atol=Y_ATOL)
+    _assert_statistics(layer, np.mean([g[1] for g in groups], 0),
+                       np.mean([g[2] for g in groups], 0))
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_masked_statistics_exact_at_1e6(mode):
+    x = _offset_data((8, 10, 4), -1, 1e6)
+    mask = np.random.default_rng(1).random((8, 10)) > 0.3
+    mask[0, 0] = False  # the first position is padding, as with pre-padding
+    x[~mask] = 0.0
+    layer = BatchNorm(momentum=0.0)
+    if mode == "eager":
+        y = layer(x, training=True, mask=tf.constant(mask))
+    else:
+        y = tf.function(lambda t, m: layer(t, training=True, mask=m),
+                        jit_compile=mode == "xla")(x, tf.constant(mask))
+    kept = x[mask].astype(np.float64)
+    mean, var = kept.mean(0), kept.var(0)
+    _assert_statistics(layer, mean, var)
+    np.testing.assert_allclose(y.numpy()[mask], (kept - mean) / np.sqrt(var + 1e-5), atol=Y_ATOL)
+
+
+def test_renorm_moving_variance_exact_at_1e6():
+    x = _offset_data((64, 5), -1, 1e6)
+    layer = BatchNorm(momentum=0.0, renorm=True)
+    layer(x, training=True)
+    _, mean, var = _float64_batch_norm(x, -1)
+    # moving_variance = moving_stddev**2 - epsilon, from a float32 stddev.
+    _assert_statistics(layer, mean, var, var_rtol=2e-4)
+
+
+@pytest.mark.parametrize("policy,offset", [("mixed_float16", 1e3), ("mixed_bfloat16", 1e2)])
+def test_half_precision_statistics_exact_at_an_offset(policy, offset):
+    # Offsets the half type still resolves at std 0.5..1 (float16's last
+    # place at 2e3 is 1, bfloat16's at 200 is 1); the reference is float64
+    # statistics of the very half-precision values the layer sees.
+    keras.mixed_precision.set_global_policy(policy)
+    dtype = tf.float16 if policy == "mixed_float16" else tf.bfloat16
+    x = tf.cast(_offset_data((64, 6, 6, 4), -1, offset, std=(0.5, 1.0)), dtype)
+    layer = BatchNorm(momentum=0.0)
+    tf.function(lambda t: layer(t, training=True))(x)
+    _, mean, var = _float64_batch_norm(tf.cast(x, tf.float64).numpy(), -1)
+    _assert_statistics(layer, mean, var)
+
+
+@pytest.mark.parametrize("synchronized", [True, False])
+@pytest.mark.parametrize("n", [16, 13, 1])
+def test_replicas_exact_at_1e6(strategy, synchronized, n):
+    # 13 examples: 7 and 6 per replica; 1: one replica is empty.
+    x = _offset_data((n, 4), -1, 1e6)
+    with strategy.scope():
+        layer = BatchNorm(momentum=0.0, synchronized=synchronized)
+        layer.build((None, 4))
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(n)
+    xs = next(iter(strategy.experimental_distribute_dataset(dataset)))
+    tf.function(lambda xs: strategy.run(lambda t: layer(t, training=True), args=(xs,)))(xs)
+    parts = [p.numpy().astype(np.float64) for p in strategy.experimental_local_results(xs)]
+    if synchronized:
+        mean, var = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
+    else:
+        kept = [p for p in parts if len(p)]
+        counts = np.array([len(p) for p in kept])[:, None]
+        mean = (counts * [p.mean(0) for p in kept]).sum(0) / counts.sum()
+        var = (counts * [p.var(0) for p in kept]).sum(0) / counts.sum()
+    if n == 1:
+        var = np.zeros(4)  # one value per channel: the variance is 0
+        np.testing.assert_array_equal(layer.moving_variance.value.values[0].numpy(), var)
+    else:
+        for value in layer.moving_variance.value.values:
+            np.testing.assert_allclose(value.numpy(), var, rtol=VAR_RTOL)
+    for value in layer.moving_mean.value.values:
+        np.testing.assert_allclose(value.numpy(), mean, rtol=MEAN_RTOL)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+@pytest.mark.parametrize("case", ["dense", "nchw"])
+def test_input_gradient_exact_at_1e4(case, mode):
+    # dx = gamma / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
+    # in float64 from the same float32 x: the TF-ops backward pass works
+    # from the shifted input too.
+    shape, axis = CASES[case]
+    x = tf.constant(_offset_data(shape, axis, 1e4))
+    dy = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    layer = BatchNorm(axis=axis, fused=False)
+
+    def grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, x, output_gradients=dy)
+
+    got = grad(x) if mode == "eager" else tf.function(grad, jit_compile=True)(x)
+    x_hat, _, var = _float64_batch_norm(x.numpy(), axis)
+    axes = _reduced(x_hat, axis)
+    dy64 = dy.astype(np.float64)
+    shape_c = [1] * len(shape)
+    shape_c[axis % len(shape)] = -1
+    want = (dy64 - dy64.mean(axes, keepdims=True)
+            - x_hat * (dy64 * x_hat).mean(axes, keepdims=True)) / np.sqrt(
+                var.reshape(shape_c) + 1e-5)
+    # dx is O(1 / sigma) <= 10: float32 rounding of O(10) values.
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-4 * np.abs(want).max())
