@@ -25,6 +25,10 @@ from keras_bn import tf_ops_kernel
 FUSED = "fused"
 TF_OPS = "tf_ops"
 DEPTHWISE_FOLD = "depthwise_fold"
+# Inference by TF ops in the x * a + b form (`ops.affine`) that converters
+# fold into the layer before it; TF_OPS's inference is centred first
+# (`ops.normalize`), exact at any offset.
+FOLDABLE = "foldable"
 
 Route = collections.namedtuple("Route", ["kernel", "reason"])
 
@@ -110,7 +114,7 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
         ValueError: fused=True for a call the kernel can't serve.
     """
     if fused is False:
-        return Route(TF_OPS, "fused=False")
+        return _by_ops(training, "fused=False")
     if training is not False and features:
         if fused:
             raise ValueError(
@@ -121,7 +125,7 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
     if unsupported is not None:
         if fused:
             raise ValueError(f"{caller}: fused=True, but {unsupported}.")
-        return Route(TF_OPS, unsupported)
+        return _by_ops(training, unsupported)
     if fused:
         return Route(FUSED, "fused=True")
     joins = conv_fold.joins(x, axis) if training is False else None
@@ -130,13 +134,28 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
     if joins == "DepthwiseConv2dNative":
         return Route(DEPTHWISE_FOLD, "inference of a DepthwiseConv2dNative's output "
                                      "in a graph: into its filter")
-    if training is False and x.shape.rank != 4:
+    if training is False and x.shape.rank != 4 and _convertible():
         # Outside 4-D, the kernel's reshapes keep converters (TFLite) from
         # folding the batch norm into the layer before it; a served model
         # gains more from that than from one pass instead of two.
-        return Route(TF_OPS, f"inference of a rank-{x.shape.rank} input")
+        return _by_ops(training, f"inference of a rank-{x.shape.rank} input")
     faster, why = fused_is_faster(x, axis, training)
-    return Route(FUSED if faster else TF_OPS, f"faster here: {why}")
+    return Route(FUSED, f"faster here: {why}") if faster else _by_ops(
+        training, f"faster here: {why}")
+
+
+def _convertible():
+    """Whether this call's graph may reach a converter: a traced function
+    outside XLA (a SavedModel's serving function is one), not an eager
+    call or an XLA cluster, which nothing converts."""
+    return not tf.executing_eagerly() and not private_api.in_xla_context()
+
+
+def _by_ops(training, reason):
+    """TF ops; in inference the foldable form where a converter may see it."""
+    if training is False and _convertible():
+        return Route(FOLDABLE, f"{reason}; x * a + b, which converters fold")
+    return Route(TF_OPS, reason)
 
 
 def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
@@ -184,5 +203,8 @@ def infer(x, mean, variance, gamma, beta, *, epsilon, axis, fused=None,
         return fused_kernel.infer(x, gamma, beta, mean, variance, epsilon, axis)
     if kernel == DEPTHWISE_FOLD:
         return conv_fold.into_depthwise(x, mean, variance, gamma, beta, epsilon, axis)
+    if kernel == FOLDABLE:
+        a, b = ops.scale_and_offset(mean, variance, gamma, beta, epsilon)
+        return ops.affine(x, a, b, axis)
     return ops.normalize(x, mean, variance, gamma, beta, epsilon, axis)
 

@@ -177,9 +177,20 @@ def affine(x, a, b, axis):
 
 
 def normalize(x, mean, variance, gamma, beta, epsilon, axis):
-    """Batch norm with given (C,) statistics, in the inference form."""
-    a, b = scale_and_offset(mean, variance, gamma, beta, epsilon)
-    return affine(x, a, b, axis)
+    """Batch norm with given (C,) statistics, centred first:
+    `(x - mean) * a + beta`, in the statistics dtype, returned in x's.
+
+    Exact at any offset: x - mean loses nothing where x lies near the mean,
+    while `affine`'s x * a + b rounds x * a at the offset's magnitude and
+    then cancels it (4e-3 at 1e4 + N(0, 1) in float32). One elementwise op
+    more than that form, and one that converters don't fold.
+    """
+    a = scale(variance, gamma, epsilon)
+    rank = x.shape.rank
+    y = (tf.cast(x, a.dtype) - per_channel(mean, rank, axis)) * per_channel(a, rank, axis)
+    if beta is not None:
+        y = y + per_channel(beta, rank, axis)
+    return tf.cast(y, x.dtype)
 
 
 def weighted_moments(x, axes, weights):

@@ -24,10 +24,12 @@ def _route(shape, axis=-1, dtype=tf.float32, **kwargs):
     ((8, 3, 4, 4), 1, True, None, (), ("tf_ops", "faster here: channels-first on CPU")),
     ((8, 3, 4, 4), 1, True, True, (), ("fused", "fused=True")),
     ((8, 4, 4, 3), -1, True, False, (), ("tf_ops", "fused=False")),
-    ((8, 6), -1, False, None, (), ("tf_ops", "inference of a rank-2 input")),
+    ((8, 6), -1, False, None, (), ("fused", f"faster here: {EAGER}")),
     ((8, 4, 4, 3), -1, False, None, (), ("fused", f"faster here: {EAGER}")),
+    ((8, 3, 4, 4), 1, False, None, (), ("tf_ops", "faster here: channels-first on CPU")),
+    ((8, 6), -1, False, False, (), ("tf_ops", "fused=False")),
     ((8, 6), -1, True, None, ("mask",), ("tf_ops", "mask needs TF ops")),
-    ((8, 6), -1, False, None, ("renorm",), ("tf_ops", "inference of a rank-2 input")),
+    ((8, 6), -1, False, None, ("renorm",), ("fused", f"faster here: {EAGER}")),
 ])
 def test_route_and_reason_on_cpu(shape, axis, training, fused, features, route):
     assert tuple(_route(shape, axis, training=training, fused=fused, features=features)) == route
@@ -47,6 +49,43 @@ def test_under_xla_tf_ops_are_faster():
     reasons = []
     f(tf.zeros((2, 2, 2, 3)))
     assert tuple(reasons[0]) == ("tf_ops", "faster here: under XLA, which fuses TF ops")
+
+
+FOLDS = "; x * a + b, which converters fold"
+
+
+@cpu_only
+@pytest.mark.parametrize("shape, axis, fused, route", [
+    ((8, 6), -1, None, ("foldable", f"inference of a rank-2 input{FOLDS}")),
+    ((8, 4, 6), -1, None, ("foldable", f"inference of a rank-3 input{FOLDS}")),
+    ((8, 3, 4, 4), 1, None, ("foldable", f"faster here: channels-first on CPU{FOLDS}")),
+    ((8, 4, 4, 3), -1, False, ("foldable", f"fused=False{FOLDS}")),
+])
+def test_traced_inference_by_ops_keeps_the_form_converters_fold(shape, axis, fused, route):
+    # A traced function outside XLA may be a SavedModel's serving function.
+    routes = []
+
+    @tf.function
+    def f(x):
+        routes.append(dispatch.route(x, axis % len(shape), 1e-5, training=False, fused=fused))
+        return x
+
+    f(tf.zeros(shape))
+    assert tuple(routes[0]) == route
+
+
+@pytest.mark.parametrize("shape, axis", [((8, 6), -1), ((8, 3, 4, 4), 1), ((2, 3, 4, 4, 5), -1)])
+def test_inference_under_xla_is_centred_first(shape, axis):
+    # Nothing converts an XLA cluster: the exact form, fused by XLA anyway.
+    routes = []
+
+    @tf.function(jit_compile=True)
+    def f(x):
+        routes.append(dispatch.route(x, axis % len(shape), 1e-5, training=False))
+        return x
+
+    f(tf.zeros(shape))
+    assert tuple(routes[0]) == ("tf_ops", "faster here: under XLA, which fuses TF ops")
 
 
 def test_fused_true_that_cannot_be_served_names_the_caller():
@@ -109,7 +148,7 @@ def test_dense_float32_training_on_eigen_takes_tf_ops_at_any_size(monkeypatch):
         "tf_ops", "faster here: training of float32 values with Eigen (oneDNN off): "
         "TF ops at any size for a dense input")
     assert _traced_route((4096, 256), tf.bfloat16)[0] == "fused"
-    assert _traced_route((4096, 256), training=False)[0] == "tf_ops"  # rank-2 inference
+    assert _traced_route((4096, 256), training=False)[0] == "foldable"  # rank-2 inference
     monkeypatch.setattr(dispatch, "cpu_kind", lambda: "onednn")
     assert _traced_route((4096, 256))[0] == "fused"
 

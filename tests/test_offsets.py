@@ -211,3 +211,78 @@ def test_input_gradient_exact_at_1e4(case, mode):
                 var.reshape(shape_c) + 1e-5)
     # dx is O(1 / sigma) <= 10: float32 rounding of O(10) values.
     np.testing.assert_allclose(got.numpy(), want, atol=1e-4 * np.abs(want).max())
+
+
+# --- inference -------------------------------------------------------------
+
+def _with_statistics_of(x, axis):
+    """A built layer whose moving statistics are x's own, and the float64
+    output for them (from the float32 values the layer holds)."""
+    axes = _reduced(x, axis)
+    x64 = np.asarray(x, np.float64)
+    layer = BatchNorm(axis=axis)
+    layer.build(x.shape)
+    layer.moving_mean.assign(x64.mean(axes).astype(np.float32))
+    layer.moving_variance.assign(x64.var(axes).astype(np.float32))
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = -1
+    mean = layer.moving_mean.numpy().astype(np.float64).reshape(shape)
+    var = layer.moving_variance.numpy().astype(np.float64).reshape(shape)
+    return layer, (x64 - mean) / np.sqrt(var + 1e-5)
+
+
+# Outputs O(1) from x - mean, exact for x near the mean: float32 rounding
+# of the O(1) product, 1e-5 absolute as the bound.
+INFERENCE_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_inference_exact_at_1e4_eagerly_and_under_xla(case, mode):
+    # Nothing converts these calls: batch norm is centred first everywhere.
+    shape, axis = CASES[case]
+    x = _offset_data(shape, axis, 1e4, std=(1.0, 1.0))
+    layer, want = _with_statistics_of(x, axis)
+    fn = lambda t: layer(t, training=False)  # noqa: E731
+    y = fn(x) if mode == "eager" else tf.function(fn, jit_compile=True)(x)
+    np.testing.assert_allclose(y.numpy(), want, atol=INFERENCE_ATOL)
+
+
+def test_inference_exact_at_1e4_in_a_graph_channels_last_4d():
+    x = _offset_data((8, 6, 6, 5), -1, 1e4, std=(1.0, 1.0))
+    layer, want = _with_statistics_of(x, -1)
+    y = tf.function(lambda t: layer(t, training=False))(x)
+    np.testing.assert_allclose(y.numpy(), want, atol=INFERENCE_ATOL)
+
+
+def test_inference_after_a_conv2d_with_a_large_bias_is_exact():
+    # In a graph the batch norm joins the convolution (keras_bn.conv_fold)
+    # and sees its output before the bias: exact against float64 even
+    # where the float32 conv output itself (at 1e4) is not.
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(4, 3, bias_initializer=keras.initializers.Constant(1e4))
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype(np.float32)
+    conv.build(x.shape)
+    kernel, bias = (w.numpy().astype(np.float64) for w in conv.weights)
+    z = tf.nn.conv2d(x.astype(np.float64), kernel, 1, "VALID").numpy() + bias
+    layer, _ = _with_statistics_of(z.astype(np.float32), -1)
+    mean = layer.moving_mean.numpy().astype(np.float64)
+    want = (z - mean) / np.sqrt(layer.moving_variance.numpy().astype(np.float64) + 1e-5)
+    y = tf.function(lambda t: layer(conv(t), training=False))(x)
+    np.testing.assert_allclose(y.numpy(), want, atol=INFERENCE_ATOL)
+
+
+@pytest.mark.parametrize("case", ["dense", "nchw", "rank3", "rank5"])
+def test_foldable_inference_in_a_graph_stays_within_its_bound(case):
+    # A traced call outside XLA may be served and converted: the x * a + b
+    # form TFLite folds into the layer before it. Its error is the rounding
+    # of x * a at the offset's magnitude, cancelled by + b: at most about
+    # two float32 ulps of max |x * a| (docs/numerics.md, measured 1.4e-3 to
+    # 1.9e-3 at offset 1e4, std 1).
+    shape, axis = CASES[case]
+    x = _offset_data(shape, axis, 1e4, std=(1.0, 1.0))
+    layer, want = _with_statistics_of(x, axis)
+    y = tf.function(lambda t: layer(t, training=False))(x)
+    scale = 1.0 / np.sqrt(layer.moving_variance.numpy() + 1e-5)
+    bound = 2 * np.finfo(np.float32).eps * np.abs(x).max() * scale.max()
+    assert np.abs(y.numpy() - want).max() <= bound
