@@ -94,9 +94,12 @@ def into_depthwise(x, mean, variance, gamma, beta, epsilon, axis):
     """
     data_format = _data_format(axis)
     conv, bias = _producer(x, data_format)
-    a, b = ops.scale_and_offset(mean, variance, gamma, beta, epsilon)
     if bias is not None:
-        b = b + tf.cast(bias, a.dtype) * a
+        # beta - (mean - bias) * a: with mean and bias both near a large
+        # offset their difference is exact; beta - mean * a + bias * a
+        # would round both products at the offset's magnitude.
+        mean = mean - tf.cast(bias, mean.dtype)
+    a, b = ops.scale_and_offset(mean, variance, gamma, beta, epsilon)
     inputs, kernel = conv.inputs
     # The filter's channel multiplier m: output channel c * m + k comes from
     # input channel c, so a's [C * m] values reshape to [C, m].

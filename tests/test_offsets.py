@@ -255,16 +255,25 @@ def test_inference_exact_at_1e4_in_a_graph_channels_last_4d():
     np.testing.assert_allclose(y.numpy(), want, atol=INFERENCE_ATOL)
 
 
-def test_inference_after_a_conv2d_with_a_large_bias_is_exact():
+@pytest.mark.parametrize("kind", ["Conv2D", "DepthwiseConv2D"])
+def test_inference_after_a_convolution_with_a_large_bias_is_exact(kind):
     # In a graph the batch norm joins the convolution (keras_bn.conv_fold)
     # and sees its output before the bias: exact against float64 even
     # where the float32 conv output itself (at 1e4) is not.
     keras.utils.set_random_seed(0)
-    conv = keras.layers.Conv2D(4, 3, bias_initializer=keras.initializers.Constant(1e4))
-    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype(np.float32)
+    bias_init = keras.initializers.Constant(1e4)
+    if kind == "Conv2D":
+        conv = keras.layers.Conv2D(4, 3, bias_initializer=bias_init)
+    else:
+        conv = keras.layers.DepthwiseConv2D(3, bias_initializer=bias_init)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 4)).astype(np.float32)
     conv.build(x.shape)
     kernel, bias = (w.numpy().astype(np.float64) for w in conv.weights)
-    z = tf.nn.conv2d(x.astype(np.float64), kernel, 1, "VALID").numpy() + bias
+    if kind == "Conv2D":
+        z = tf.nn.conv2d(x.astype(np.float64), kernel, 1, "VALID").numpy() + bias
+    else:
+        z = tf.nn.depthwise_conv2d(x.astype(np.float64), kernel, [1, 1, 1, 1],
+                                   "VALID").numpy() + bias
     layer, _ = _with_statistics_of(z.astype(np.float32), -1)
     mean = layer.moving_mean.numpy().astype(np.float64)
     want = (z - mean) / np.sqrt(layer.moving_variance.numpy().astype(np.float64) + 1e-5)
