@@ -113,6 +113,48 @@ def renorm_clipping(clipping, renorm, caller):
     return dict(clipping)
 
 
+def adjustment(value, caller):
+    """None, or a callable of the input's dynamic shape returning (scale, bias)."""
+    if value is not None and not callable(value):
+        raise TypeError(
+            f"{caller}: argument `adjustment` must be None or a callable "
+            f"taking the input's shape and returning (scale, bias); received "
+            f"adjustment={value!r} of type {type(value).__name__}.")
+    return value
+
+
+def adjustment_output(pair, channels, dtype, caller):
+    """What `adjustment` returned, as two (C,) tensors of `dtype`.
+
+    Each of scale and bias has one value per channel, or one for all
+    (shape (1,) or a scalar), and is broadcast to (C,).
+    """
+    expected = f"shape ({channels},), (1,) or ()"
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(
+            f"{caller}: argument `adjustment` must return a pair (scale, "
+            f"bias), each of {expected}; received {pair!r}.")
+    tensors = []
+    for name, value in zip(("scale", "bias"), pair):
+        value = tf.convert_to_tensor(value, dtype_hint=dtype)
+        if not value.dtype.is_floating:
+            raise TypeError(
+                f"{caller}: argument `adjustment` must return a floating-point "
+                f"{name}; received dtype {value.dtype.name}.")
+        shape = value.shape
+        if shape.rank is None or shape.rank > 1 or (
+                shape.rank == 1 and shape[0] not in (None, 1, channels)):
+            received = ("of unknown rank" if shape.rank is None
+                        else f"of shape {tuple(shape)}")
+            raise ValueError(
+                f"{caller}: argument `adjustment` must return a {name} of "
+                f"{expected} (one value per channel, or one for all); "
+                f"received a {name} {received}.")
+        # A size known only at run time is checked by broadcast_to there.
+        tensors.append(tf.broadcast_to(tf.cast(value, dtype), [channels]))
+    return tuple(tensors)
+
+
 def fused_conflicts(fused, caller, **options):
     """fused=True with an option only the TF-ops path computes."""
     if not fused:

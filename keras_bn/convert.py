@@ -256,6 +256,10 @@ def _check_options(layer):
             layer, "unbiased_moving_variance",
             "False (Keras's moving variance follows the biased batch "
             "variance)", True)
+    if layer.adjustment is not None:
+        raise _unsupported(
+            layer, "adjustment", "None (Keras 3's layer has no adjustment)",
+            layer.adjustment)
     if any(callable(bound) for bound in layer.renorm_clipping.values()):
         raise _unsupported(
             layer, "renorm_clipping",
@@ -314,10 +318,10 @@ def to_keras(model):
         ValueError: naming the layer and the option, for a BatchNorm Keras's
             layer can't express: `momentum=None` (a cumulative average),
             `virtual_batch_size`, `track_running_stats=False`,
-            `unbiased_moving_variance=True`, a callable or schedule among
-            the `renorm_clipping` bounds, or calls on inputs of different
-            ranks; and for any other keras_bn layer (`ChannelAffine`),
-            which Keras has no layer for.
+            `unbiased_moving_variance=True`, an `adjustment`, a callable or
+            schedule among the `renorm_clipping` bounds, or calls on inputs
+            of different ranks; and for any other keras_bn layer
+            (`ChannelAffine`), which Keras has no layer for.
     """
 
     def convert(layer):

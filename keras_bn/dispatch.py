@@ -107,7 +107,8 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
         fused: the user's choice: None (pick), True (require the kernel),
             False (TF ops).
         features: names of the options in use that only TF ops compute
-            ("synchronized", "virtual_batch_size", "mask", "renorm").
+            ("synchronized", "virtual_batch_size", "mask", "renorm",
+            "adjustment").
         caller: who raises, in an error message.
 
     Raises:
@@ -159,12 +160,15 @@ def _by_ops(training, reason):
 
 
 def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
-          virtual_batch_size=None, mask=None, correction=None, caller="batch_norm"):
+          virtual_batch_size=None, mask=None, correction=None, adjustment=None,
+          caller="batch_norm"):
     """Training-mode normalization with batch statistics; no moving update.
 
     Arguments as in `keras_bn.batch_norm`, already checked and converted
     (`axis` non-negative, gamma/beta in the statistics dtype), plus those of
-    `tf_ops_kernel.train`.
+    `tf_ops_kernel.train`, and `adjustment`: None, or (scale, bias), (C,)
+    tensors in the statistics dtype applied to the normalized values before
+    gamma and beta (`BatchNorm`'s `adjustment`, already called and checked).
 
     Returns:
         (y, BatchStats) where the statistics are those the moving averages
@@ -175,9 +179,12 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
     synchronize = bool(synchronized) and replica_ctx is not None
     features = [name for name, on in (
         ("synchronized", synchronize), ("virtual_batch_size", virtual_batch_size),
-        ("mask", mask is not None), ("renorm", correction is not None)) if on]
+        ("mask", mask is not None), ("renorm", correction is not None),
+        ("adjustment", adjustment is not None)) if on]
     chosen = route(x, axis, epsilon, training=True, fused=fused, features=features,
                    caller=caller)
+    if adjustment is not None:
+        gamma, beta = ops.adjusted_gamma_and_beta(gamma, beta, *adjustment)
     if chosen.kernel == FUSED:
         y, stats = fused_kernel.train(x, gamma, beta, epsilon, axis)
     else:

@@ -78,10 +78,10 @@ class BatchNorm(keras.layers.Layer):
             XLA; TF ops for float64 inputs, channels-first inputs on a CPU
             and inside `jit_compile=True` functions, where XLA fuses them.
             True requires the kernel: it can't be combined with `renorm`,
-            `virtual_batch_size` or `synchronized=True` (a ValueError here)
-            or a training-mode `mask` (a ValueError at the call), and it
-            raises at the call for a float64 input. False always uses TF
-            ops. The function computed is the same.
+            `virtual_batch_size`, `synchronized=True` or `adjustment` (a
+            ValueError here) or a training-mode `mask` (a ValueError at the
+            call), and it raises at the call for a float64 input. False
+            always uses TF ops. The function computed is the same.
         synchronized: If True, in a multi-replica `tf.distribute` step
             (`MirroredStrategy`, `MultiWorkerMirroredStrategy`) normalize
             with the statistics of the global batch, merged from every
@@ -140,6 +140,23 @@ class BatchNorm(keras.layers.Layer):
             statistics followed, as PyTorch's buffer of that name does
             (`from_torch` sets it when the state dict has one). Always kept
             with `momentum=None`, whose average it drives.
+        adjustment: tf_keras's argument. None (default), or a callable
+            taking the input's dynamic shape (`tf.shape(inputs)`, a 1-D int
+            tensor) and returning a pair `(scale, bias)` applied to the
+            normalized values before `gamma` and `beta`, in training only:
+            `y = gamma * (scale * x_hat + bias) + beta`, with `x_hat * r +
+            d` for `x_hat` under `renorm`. Each of scale and bias has shape
+            (C,), (1,) or () (a ValueError otherwise). For `axis=-1`,
+            `lambda shape: (tf.random.uniform(shape[-1:], 0.93, 1.07),
+            tf.random.uniform(shape[-1:], -0.1, 0.1))` scales each channel
+            by up to 7% up or down and shifts it by up to 0.1. Inference
+            ignores it, the moving statistics are those without it, and
+            gradients reach whatever the pair depends on. As in tf_keras it
+            doesn't combine with `virtual_batch_size` or `fused=True` (a
+            ValueError here). The config saves it by Keras's rules for
+            functions: one registered with
+            `keras.saving.register_keras_serializable` reloads by name, a
+            lambda only with `safe_mode=False`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -187,6 +204,7 @@ class BatchNorm(keras.layers.Layer):
         guard_bad_batches=True,
         track_running_stats=True,
         track_num_batches=False,
+        adjustment=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -226,11 +244,20 @@ class BatchNorm(keras.layers.Layer):
         self.guard_bad_batches = bool(guard_bad_batches)
         self.track_running_stats = bool(track_running_stats)
         self.track_num_batches = bool(track_num_batches)
+        self.adjustment = checks.adjustment(adjustment, caller)
+        if self.virtual_batch_size is not None and self.adjustment is not None:
+            # tf_keras refuses the pair as well (when the layer is built).
+            raise ValueError(
+                f"{caller}: arguments `virtual_batch_size` and `adjustment` "
+                "don't combine (the adjustment acts on the whole batch); "
+                f"received virtual_batch_size={virtual_batch_size}, "
+                f"adjustment={adjustment!r}. Pass adjustment=None for ghost "
+                "batches.")
         # Said now, not at the first training step.
         checks.fused_conflicts(
             self.fused, caller, renorm=self.renorm,
             virtual_batch_size=self.virtual_batch_size,
-            synchronized=self.synchronized)
+            synchronized=self.synchronized, adjustment=self.adjustment)
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -406,12 +433,18 @@ class BatchNorm(keras.layers.Layer):
             inputs = checks.batch_multiple(inputs, self.virtual_batch_size, self._caller)
         dtype = ops.statistics_dtype(inputs.dtype)
         gamma, beta = self._gamma_and_beta(dtype)
+        adjustment = None
+        if self.adjustment is not None:
+            # Called here, so only in training (the training branch of a
+            # symbolic flag), with the dynamic shape as tf_keras passes it.
+            adjustment = checks.adjustment_output(
+                self.adjustment(tf.shape(inputs)), self._channels, dtype, self._caller)
         y, stats = dispatch.train(
             inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
             fused=self.fused, synchronized=self.synchronized,
             virtual_batch_size=self.virtual_batch_size, mask=mask,
             correction=self._renorm_correction(dtype) if self.renorm else None,
-            caller=self._caller)
+            adjustment=adjustment, caller=self._caller)
         if self.track_running_stats:
             # Updates after the output: nothing they overwrite is read late.
             with tf.control_dependencies([y]):
@@ -538,6 +571,7 @@ class BatchNorm(keras.layers.Layer):
                 "guard_bad_batches": self.guard_bad_batches,
                 "track_running_stats": self.track_running_stats,
                 "track_num_batches": self.track_num_batches,
+                "adjustment": keras.saving.serialize_keras_object(self.adjustment),
             }
         )
         return config
@@ -549,6 +583,11 @@ class BatchNorm(keras.layers.Layer):
         if clipping:
             config["renorm_clipping"] = {
                 k: _deserialize_bound(v) for k, v in clipping.items()}
+        if isinstance(config.get("adjustment"), dict):
+            # Keras's rules: a registered function by name, a lambda only
+            # with safe_mode=False.
+            config["adjustment"] = keras.saving.deserialize_keras_object(
+                config["adjustment"])
         return super().from_config(config)
 
 

@@ -1,7 +1,8 @@
 """The math of batch normalization, as pure functions.
 
 Statistics, merging them across parts, the normalization itself, the
-moving-average rule and batch renormalization's correction. Nothing here
+moving-average rule, batch renormalization's correction and the training
+adjustment folded into gamma and beta. Nothing here
 owns a variable or reads the device, the replica or XLA: the kernels
 (`fused_kernel`, `tf_ops_kernel`) and the layer call these, and every
 formula lives here once.
@@ -164,6 +165,20 @@ def scale_and_offset(mean, variance, gamma, beta, epsilon):
     if beta is not None:
         b = beta + b
     return a, b
+
+
+def adjusted_gamma_and_beta(gamma, beta, adjust_scale, adjust_bias):
+    """gamma' and beta' such that `gamma' * z + beta' = gamma * (adjust_scale
+    * z + adjust_bias) + beta` for the normalized (and renorm-corrected) z.
+
+    tf_keras's `adjustment` acts on z before gamma and beta; folded into
+    them, any kernel that computes `gamma * z + beta` computes it. gamma or
+    beta None means no scale or no offset. All (C,) vectors.
+    """
+    if gamma is None:
+        return adjust_scale, adjust_bias if beta is None else adjust_bias + beta
+    offset = gamma * adjust_bias
+    return gamma * adjust_scale, offset if beta is None else offset + beta
 
 
 def affine(x, a, b, axis):

@@ -1,7 +1,10 @@
 """Small models whose batch norms look trained, shared by the export, saving,
-TFLite and folding tests."""
+TFLite and folding tests, and a SavedModel server without keras_bn."""
 
 import inspect
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -68,3 +71,60 @@ def images(n, seed=0):
     return np.random.RandomState(seed).normal(0.5, 1.0, (n, 8, 8, 3)).astype(
         np.float32
     )
+
+
+# Run in a fresh interpreter that cannot import keras_bn: a meta-path
+# finder ahead of all others refuses it, however it is installed.
+_SERVE_WITHOUT_KERAS_BN = r"""
+import importlib.abc
+import sys
+
+
+class _BlockKerasBn(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "keras_bn" or name.startswith("keras_bn."):
+            raise ImportError(f"{name} is blocked in this process")
+        return None
+
+
+sys.meta_path.insert(0, _BlockKerasBn())
+import numpy as np
+import tensorflow as tf
+
+inputs_path, outputs_path, *directories = sys.argv[1:]
+inputs = np.load(inputs_path)
+outputs = {}
+for i, directory in enumerate(directories):
+    loaded = tf.saved_model.load(directory)
+    serve = loaded.signatures["serving_default"]
+    (name,) = serve.structured_input_signature[1]
+    for key in inputs.files:
+        (y,) = serve(**{name: tf.constant(inputs[key])}).values()
+        outputs[f"{i}_{key}"] = y.numpy()
+try:
+    import keras_bn  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("keras_bn was importable")
+assert "keras_bn" not in sys.modules, sorted(sys.modules)
+np.savez(outputs_path, **outputs)
+print("served without keras_bn")
+"""
+
+
+def serve_without_keras_bn(tmp_path, directories, inputs):
+    """Each SavedModel's `serving_default` on each of `inputs` (name ->
+    array), served by a fresh interpreter that cannot import keras_bn: per
+    directory, a dict name -> output."""
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    result = subprocess.run(
+        [sys.executable, "-c", _SERVE_WITHOUT_KERAS_BN,
+         str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz"), *directories],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "served without keras_bn" in result.stdout
+    outputs = np.load(tmp_path / "outputs.npz")
+    return [{key: outputs[f"{i}_{key}"] for key in inputs} for i in range(len(directories))]

@@ -386,6 +386,10 @@ def _callable_bound(step):
     return 1.0 + step
 
 
+def _adjustment(shape):
+    return 1.0, 0.0
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"momentum": None},
      "argument `momentum` must be a number (Keras keeps no cumulative "
@@ -400,6 +404,9 @@ def _callable_bound(step):
      "argument `unbiased_moving_variance` must be False (Keras's moving "
      "variance follows the biased batch variance) there; received "
      "unbiased_moving_variance=True."),
+    ({"adjustment": _adjustment},
+     "argument `adjustment` must be None (Keras 3's layer has no adjustment) "
+     f"there; received adjustment={_adjustment!r}."),
     ({"renorm": True, "renorm_clipping": {"rmax": _callable_bound}},
      "argument `renorm_clipping` must be a dict of numbers (Keras takes no "
      "schedule or callable bound) there; received renorm_clipping={'rmax': "

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests.model_helpers import images
+from tests.model_helpers import serve_without_keras_bn
 from tests.model_helpers import serving_cnn
 
 # The served graph is the float32 graph `predict` runs; Grappler may fuse
@@ -121,63 +122,15 @@ def test_eight_threads_get_identical_results(served):
             np.testing.assert_array_equal(y, want[i])
 
 
-# Runs in a fresh interpreter that cannot import keras_bn: a meta-path
-# finder ahead of all others refuses it, however it is installed.
-_SERVE_WITHOUT_KERAS_BN = r"""
-import importlib.abc
-import sys
-
-
-class _BlockKerasBn(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "keras_bn" or name.startswith("keras_bn."):
-            raise ImportError(f"{name} is blocked in this process")
-        return None
-
-
-sys.meta_path.insert(0, _BlockKerasBn())
-import numpy as np
-import tensorflow as tf
-
-inputs_path, outputs_path, *directories = sys.argv[1:]
-inputs = np.load(inputs_path)
-outputs = {}
-for i, directory in enumerate(directories):
-    loaded = tf.saved_model.load(directory)
-    serve = loaded.signatures["serving_default"]
-    (name,) = serve.structured_input_signature[1]
-    for key in inputs.files:
-        (y,) = serve(**{name: tf.constant(inputs[key])}).values()
-        outputs[f"{i}_{key}"] = y.numpy()
-try:
-    import keras_bn  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("keras_bn was importable")
-assert "keras_bn" not in sys.modules, sorted(sys.modules)
-np.savez(outputs_path, **outputs)
-print("served without keras_bn")
-"""
-
-
 @pytest.mark.slow
 def test_a_process_without_keras_bn_serves_it(exported, tmp_path):
     _, paths, inputs, expected = exported
-    np.savez(tmp_path / "inputs.npz", **{str(n): x for n, x in inputs.items()})
     directories = [paths["export"], paths["tf_saved_model"]]
-    result = subprocess.run(
-        [sys.executable, "-c", _SERVE_WITHOUT_KERAS_BN,
-         str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz"), *directories],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "served without keras_bn" in result.stdout
-    outputs = np.load(tmp_path / "outputs.npz")
-    for i in range(len(directories)):
+    outputs = serve_without_keras_bn(
+        tmp_path, directories, {str(n): x for n, x in inputs.items()})
+    for served in outputs:
         for n in BATCH_SIZES:
-            np.testing.assert_allclose(outputs[f"{i}_{n}"], expected[n],
+            np.testing.assert_allclose(served[str(n)], expected[n],
                                        atol=SERVE_TOL, rtol=SERVE_TOL)
 
 
