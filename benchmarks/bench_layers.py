@@ -117,12 +117,13 @@ def environment():
     }
 
 
-def _layers(dtype_name, axis):
+def _layers(dtype_name, axis, extra=None):
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16",
               "float16": "mixed_float16"}[dtype_name]
     # Equal momentum and epsilon: the two layers then compute the same thing.
     layers = {
         "keras_bn": keras_bn.BatchNorm(axis=axis, dtype=policy),
+        **{name: cls(axis=axis, dtype=policy) for name, cls in (extra or {}).items()},
         "keras": keras.layers.BatchNormalization(
             axis=axis, momentum=0.9, epsilon=1e-5, dtype=policy),
     }
@@ -152,14 +153,18 @@ def _step(layer, mode, jit, dy):
     return tf.function(fn, jit_compile=jit)
 
 
-def time_case(shape, axis, dtype_name, mode, jit, repeats, warmup):
-    """Median seconds per call for each layer and for one copy pass."""
+def time_case(shape, axis, dtype_name, mode, jit, repeats, warmup, extra_layers=None):
+    """Median seconds per call for each layer and for one copy pass.
+
+    `extra_layers`: {name: a BatchNorm-like class} timed in the same loop
+    (compare_revisions.py's in-process mode: another revision's layer).
+    """
     dtype = tf.as_dtype(dtype_name)
     rng = np.random.RandomState(0)
     x = tf.cast(rng.normal(0.5, 2.0, shape).astype(np.float32), dtype)
     dy = tf.cast(rng.normal(0.0, 1.0, shape).astype(np.float32), dtype)
     fns = {}
-    for name, layer in _layers(dtype_name, axis).items():
+    for name, layer in _layers(dtype_name, axis, extra_layers).items():
         layer.build(shape)
         fns[name] = _step(layer, mode, jit, dy)
     fns["copy"] = tf.function(tf.negative, jit_compile=jit)

@@ -9,11 +9,19 @@ the table compares keras_bn's ms and its ratio to Keras, before and after.
 
     python benchmarks/compare_revisions.py --before 6a17f52 --json cmp.json
     python benchmarks/compare_revisions.py --modes train_step --jit off
+
+With --in-process both revisions' layers run in one process, interleaved
+call by call with Keras's (the before revision's package is copied as
+`keras_bn_before`, its imports renamed): on a machine whose speed drifts
+between processes by more than the change being measured (the 2-core
+cloud machines here: +-10 % from one process to the next), this is the
+comparison to trust.
 """
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +29,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+from bench_layers import QUICK_SHAPES  # noqa: E402
 from bench_layers import SHAPES  # noqa: E402
 
 
@@ -46,7 +55,11 @@ def main(argv=None):
     parser.add_argument("--dtypes", default=None)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cases", default=",".join(SHAPES))
+    parser.add_argument("--in-process", action="store_true",
+                        help="time both revisions in this process (see above)")
     args = parser.parse_args(argv)
+    if args.in_process:
+        return _in_process(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         before_root = os.path.join(tmp, "before")
@@ -89,6 +102,64 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"environment": environment, "before": args.before,
                        "repeats": args.repeats, "rows": rows}, f, indent=1)
+    return rows
+
+
+def _copy_as_before(revision, directory):
+    """`revision`'s keras_bn, unpacked as the package `keras_bn_before`."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", revision, "keras_bn"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", directory], input=archive, check=True)
+    package = os.path.join(directory, "keras_bn_before")
+    os.rename(os.path.join(directory, "keras_bn"), package)
+    for name in os.listdir(package):
+        if name.endswith(".py"):
+            path = os.path.join(package, name)
+            with open(path) as f:
+                text = f.read()
+            # Its own modules, and its own name in Keras's registry.
+            text = re.sub(r"\bfrom keras_bn([. ])", r"from keras_bn_before\1", text)
+            text = text.replace('package="keras_bn"', 'package="keras_bn_before"')
+            with open(path, "w") as f:
+                f.write(text)
+
+
+def _in_process(args):
+    import bench_layers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _copy_as_before(args.before, tmp)
+        sys.path.insert(0, tmp)
+        import keras_bn_before
+
+        rows = []
+        header = (f"{'case':<26} {'dtype':<8} {'jit':<4} {'mode':<14} {'before ms':>9} "
+                  f"{'after ms':>9} {'after/before':>12} {'keras ms':>9}")
+        print(header)
+        print("-" * len(header))
+        dtypes = (args.dtypes or "float32,bfloat16").split(",")
+        for jit in [j == "on" for j in args.jit.split(",")]:
+            for dtype_name in dtypes:
+                for case in args.cases.split(","):
+                    shape, axis = {**SHAPES, **QUICK_SHAPES}[case]
+                    for mode in args.modes.split(","):
+                        t = bench_layers.time_case(
+                            shape, axis, dtype_name, mode, jit, args.repeats, 3,
+                            extra_layers={"before": keras_bn_before.BatchNorm})
+                        row = {"case": case, "dtype": dtype_name, "jit_compile": jit,
+                               "mode": mode, "before_ms": t["before"] * 1e3,
+                               "after_ms": t["keras_bn"] * 1e3, "keras_ms": t["keras"] * 1e3,
+                               "after_over_before": t["keras_bn"] / t["before"]}
+                        rows.append(row)
+                        print(f"{case:<26} {dtype_name:<8} {'on' if jit else 'off':<4} "
+                              f"{mode:<14} {row['before_ms']:>9.2f} {row['after_ms']:>9.2f} "
+                              f"{row['after_over_before']:>12.3f} {row['keras_ms']:>9.2f}",
+                              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": bench_layers.environment(), "before": args.before,
+                       "in_process": True, "repeats": args.repeats, "rows": rows},
+                      f, indent=1)
     return rows
 
 

@@ -197,8 +197,9 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
     if replica_ctx is not None and not synchronize:
         # Each replica normalized with its own statistics; the moving ones
         # follow their count-weighted average, identical on every replica.
-        stats = ops.BatchStats(*distributed.replica_moments(
-            replica_ctx, stats.count, stats.mean, stats.variance, ops.pooled_moments))
+        count, _, mean, variance = distributed.replica_moments(
+            replica_ctx, stats.count, stats.mean, stats.variance, ops.pooled_moments)
+        stats = ops.BatchStats(count, mean, variance)
     return y, stats
 
 

@@ -43,11 +43,14 @@ def replica_moments(ctx, count, mean, variance, merge, shift=None):
     batch's statistics, `ops.pooled_moments` for the replicas' average).
 
     With `shift`, each replica's mean is relative to its own shift (see
-    `ops.shifted_moments`), and so is the merged mean returned. The parts
-    are merged relative to one common shift, the one of the replica with
-    the most values: the differences of shifts and the relative means are
-    small, so the merge's squared distances lose nothing to a large
-    common offset, and every replica computes the same merged statistics.
+    `ops.moments_about`). The parts are merged relative to one common
+    shift, the one of the replica with the most values: the differences of
+    shifts and the relative means are small, so the merge's squared
+    distances lose nothing to a large common offset.
+
+    Returns:
+        (count, common shift, mean relative to it, variance), the same on
+        every replica; the common shift is 0 without `shift`.
     """
     # An empty replica batch has NaN statistics; its count of 0 drops it.
     mean = tf.where(count > 0, mean, 0.0)
@@ -59,6 +62,4 @@ def replica_moments(ctx, count, mean, variance, merge, shift=None):
     common = tf.gather(tf.transpose(shifts), most[:, None], batch_dims=1)[:, 0]
     count, merged_mean, merged_variance = merge(
         counts, (shifts - common) + rows[:, 2], rows[:, 3])
-    if shift is None:
-        return count, common + merged_mean, merged_variance
-    return count, merged_mean + (common - own_shift), merged_variance
+    return count, common, merged_mean, merged_variance

@@ -11,6 +11,7 @@ that without copying memory (see `_kernel_view`).
 import tensorflow as tf
 
 from keras_bn import conv_fold
+from keras_bn import one_side
 from keras_bn import ops
 from keras_bn import private_api
 
@@ -96,22 +97,6 @@ def _filled(gamma, beta, x, axis):
 # it. Where they lie comes from a sample of at least this many values per
 # channel: the batch's first rows (a slice, no pass over the batch).
 SHIFT_SAMPLE = 64
-# A channel is shifted when its sample's mean is more than 10 sample
-# standard deviations from zero: a hundred times below the ratio where the
-# kernel starts to lose accuracy, so that a sample that understates the
-# offset still moves every channel that needs it. The others keep their
-# values bit for bit.
-SHIFT_RATIO = 1e2
-
-
-def offset_dominated(mean, variance):
-    """Per channel, whether the mean exceeds sqrt(SHIFT_RATIO) standard
-    deviations: the channels the CPU kernel sees shifted. cuDNN accumulates
-    with Welford's method and needs no shift.
-    """
-    return tf.square(mean) > SHIFT_RATIO * variance
-
-
 def _channel_axis(data_format):
     """The channel axis of a kernel view in `data_format`."""
     return 1 if data_format == "NCHW" else 3
@@ -129,7 +114,7 @@ def _sample_shift(view, gamma, beta, epsilon, data_format):
     """Per channel, float32: the shift the kernel's input gets (0 for most).
 
     The mean of the batch's first rows (at least SHIFT_SAMPLE values per
-    channel) where it is offset-dominated by SHIFT_RATIO against their
+    channel) where it is offset-dominated (`ops.offset_dominated`) against their
     spread. The kernel itself measures the sample: one op, which matters
     for a model's start-up time (every op is traced and optimized in each
     batch norm). An empty batch's NaN mean compares False: no shift.
@@ -145,7 +130,11 @@ def _sample_shift(view, gamma, beta, epsilon, data_format):
         rows = -(-SHIFT_SAMPLE // per_row)
     sample = _kernel(view[:rows], gamma, beta, epsilon, data_format)
     mean = sample.batch_mean
-    shift = tf.where(offset_dominated(mean, sample.batch_variance), mean, 0.0)
+    # Ten of the sample's standard deviations: a hundred times below the
+    # ratio where the kernel starts to lose accuracy, so that a sample that
+    # understates the offset still moves every channel that needs it. The
+    # others keep their values bit for bit.
+    shift = tf.where(ops.offset_dominated(mean, sample.batch_variance), mean, 0.0)
     return tf.stop_gradient(shift)  # a constant, so no gradient reaches the sample
 
 
@@ -157,22 +146,16 @@ def _shifted_if_needed(view, shift, channel_axis):
     """`view` minus `shift`, or `view` itself (no copy) when all shifts are 0.
 
     Nearly every batch needs no shift, and subtracting zeros would cost a
-    pass over the batch (up to a fifth of DenseNet121's train step). A
-    `tf.cond` would cost more at start-up (about 50 ms of tracing and
-    optimization per batch norm, see benchmarks/README.md), so the choice
-    is TensorFlow's plain Switch and Merge: the untaken side isn't run and
-    the taken one is forwarded. Called inside a custom gradient, so no
-    gradient is ever taken through them (which GradientTape can't). XLA
-    fuses the subtraction into the kernel's reads: there it is taken as is;
-    eagerly, Python chooses.
+    pass over the batch (up to a fifth of DenseNet121's train step): the
+    subtraction runs on one side only (`one_side`). XLA fuses it into the
+    kernel's reads: there it is taken as is.
     """
     if private_api.in_xla_context():
         return _shifted(view, shift, channel_axis)
     needed = tf.reduce_any(tf.not_equal(shift, 0))
-    if tf.executing_eagerly():
-        return _shifted(view, shift, channel_axis) if needed else view
-    unshifted, to_shift = tf.raw_ops.Switch(data=view, pred=needed)
-    return tf.raw_ops.Merge(inputs=[unshifted, _shifted(to_shift, shift, channel_axis)]).output
+    return one_side.one_side(
+        needed, lambda v, s: (_shifted(v, s, channel_axis),), lambda v, s: (v,),
+        view, shift)[0]
 
 
 def _kernel_gradient(dy, view, gamma, seen, out, shift, epsilon, data_format):

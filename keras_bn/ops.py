@@ -63,10 +63,10 @@ def staged_moments(x, axes):
 
     Every reduction is split in two (the inner axes, then the outer; one
     long axis as [n/32, 32]), so that no float32 running sum grows long.
-    The plain second pass is exact only for data near zero: a mean off by
-    d adds d^2 to the variance, and a float32 mean of data at 1e6 is off by
-    up to 0.03 (half its last place). Callers hand it data shifted by
-    `shift_of` first.
+    The plain second pass is exact only where the mean is not much larger
+    than the spread: a mean off by d adds d^2 to the variance, and a
+    float32 mean of data at 1e6 is off by up to 0.03 (half its last
+    place). `moments_about` serves the other batches.
     """
     rank = x.shape.rank
     view, view_axes = x, list(axes)
@@ -85,29 +85,30 @@ def staged_moments(x, axes):
     return mean, variance
 
 
-def shift_of(x, axes):
-    """Per channel, one value of the batch itself (the first along `axes`),
-    keepdims, carrying no gradient; 0 for an empty batch.
+# A mean more than 10 standard deviations from zero: where float32 sums
+# start to lose digits of the variance and of x - mean to the offset.
+SHIFT_RATIO = 1e2
 
-    Batch norm doesn't change when a channel is shifted by a constant, and
-    data shifted by one of their own values lie within a few standard
-    deviations of zero, where float32 sums lose nothing to a large common
-    offset: x - shift is exact (both are close, Sterbenz), its mean is
-    small, and so is that mean's rounding error. A slice costs no pass over
-    the batch; the sum over at most one value per axis makes an empty
-    slice 0 instead of an empty tensor.
+
+def offset_dominated(mean, variance):
+    """Per channel, whether the mean exceeds sqrt(SHIFT_RATIO) standard
+    deviations: the channels whose statistics need the data shifted
+    towards zero first (`moments_about`, and the fused kernel's guard).
     """
-    first = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.shape.rank))]
-    return tf.stop_gradient(tf.reduce_sum(first, axes, keepdims=True))
+    return tf.square(mean) > SHIFT_RATIO * variance
 
 
-def shifted_moments(x, axes):
-    """(shift, mean, variance), keepdims, over `axes`: `shift` from
-    `shift_of`, and the mean and biased variance of `x - shift`, in stages.
-    The mean of x is `shift + mean`; the variance is x's own."""
-    shift = shift_of(x, axes)
-    mean, variance = staged_moments(x - shift, axes)
-    return shift, mean, variance
+def moments_about(x, axes, shift):
+    """Keepdims (mean of x - shift, variance of x) over `axes`, in stages.
+
+    `shift` is a per-channel value near the data (a first estimate of the
+    mean, carrying no gradient). Batch norm doesn't change under a
+    per-channel shift, x - shift is exact for values near it (Sterbenz),
+    and the shifted data lie within a few standard deviations of zero, so
+    their mean is small and so is its rounding error: the plain second pass
+    needs no correction. The mean of x is `shift + mean`.
+    """
+    return staged_moments(x - shift, axes)
 
 
 def count_over(x, axes, dtype):
@@ -128,8 +129,8 @@ def count_over(x, axes, dtype):
 def moments(x, axis=-1):
     """Per-channel mean and biased variance of `x` over every axis but `axis`.
 
-    Half-precision inputs are reduced in float32. The sums run on data
-    shifted by one of their own values and in stages (`shifted_moments`),
+    Half-precision inputs are reduced in float32. The sums run in stages,
+    on data shifted by a first estimate of their mean (`moments_about`),
     so that data on a large common offset (1e6 + N(0, 0.1) in float32)
     keep their variance; a mean of squares is never negative.
 
@@ -141,7 +142,8 @@ def moments(x, axis=-1):
     axis %= rank
     x = tf.cast(x, statistics_dtype(x.dtype))
     axes = [i for i in range(rank) if i != axis]
-    shift, mean, variance = shifted_moments(x, axes)
+    shift = tf.stop_gradient(staged_moments(x, axes)[0])
+    mean, variance = moments_about(x, axes, shift)
     return tf.reshape(shift + mean, [-1]), tf.reshape(variance, [-1])
 
 
@@ -209,13 +211,8 @@ def normalize(x, mean, variance, gamma, beta, epsilon, axis):
 
 
 def weighted_moments(x, axes, weights):
-    """Mean and variance over the positions where weights=1, as
-    `shifted_moments` computes them.
-
-    The shift is the weighted mean itself from a first pass, rather than
-    the batch's first value, which a mask may leave out (Keras pads
-    sequences at the front by default) and which may be padding far from
-    the data.
+    """Mean and variance over the positions where weights=1, about their
+    weighted mean from a first pass (see `moments_about`).
 
     Returns:
         keepdims (count, shift, mean, variance), the mean relative to the

@@ -9,6 +9,7 @@ pass is written by hand and is itself differentiable, to any order.
 import tensorflow as tf
 
 from keras_bn import distributed
+from keras_bn import one_side
 from keras_bn import ops
 
 
@@ -31,11 +32,13 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
           virtual_batch_size=None, mask=None, correction=None):
     """Training-mode batch norm from TF ops, with a lean custom gradient.
 
-    Every channel is first shifted by one of its own values (see
-    `ops.shift_of`; with a mask, by its mean): the statistics, the output
-    and the gradient are all computed from x - shift, which batch norm
-    doesn't see, so that a large common offset costs no digits. The
-    backward pass keeps only x, the shift, the mean and the inverse std
+    The statistics are a plain staged two-pass; for a batch in which some
+    channel's mean is more than 10 standard deviations from zero, two more
+    passes take them again about that first mean (`ops.moments_about`; a
+    masked batch always does). The output and the gradient are formed from
+    x - shift with that first mean as the shift, which batch norm doesn't
+    see, so that a large common offset costs no digits. The backward pass
+    keeps only x, the shift, the mean and the inverse std
     (not the normalized tensor) and needs two per-channel sums, sum(dy) and
     sum(dy * (x - shift)), reduced side by side so that XLA fuses them into
     one pass over dy and x. Gradients of any order are exact: the backward
@@ -86,7 +89,21 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
         """keepdims (count, shift, mean relative to the shift, variance)."""
         if w is not None:
             return ops.weighted_moments(xs, axes, w)
-        shift, mean, variance = ops.shifted_moments(xs, axes)
+        first_mean, first_variance = ops.staged_moments(xs, axes)
+        shift = tf.stop_gradient(first_mean)
+        if replica_ctx is not None:
+            # Always (the statistics cross replicas, and an outer tape
+            # can't read a merged value through Switch and Merge).
+            mean, variance = ops.moments_about(xs, axes, shift)
+        else:
+            # Most batches: the first pass is exact, relative mean 0. Where
+            # a channel sits far from zero, its first mean's rounding error
+            # would add its square to the variance: take them again about it.
+            mean, variance = one_side.one_side(
+                tf.reduce_any(ops.offset_dominated(first_mean, first_variance)),
+                lambda xs, shift, *_: ops.moments_about(xs, axes, shift),
+                lambda xs, shift, zero, variance: (zero, variance),
+                xs, shift, tf.zeros_like(first_variance), first_variance)
         count = tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype))
         return count, shift, mean, variance
 
@@ -105,20 +122,24 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     def forward(x, *params):
         xs = view(tf.cast(x, stat_dtype))
         count, shift, mean, variance = stats_of(xs)
-        if replica_ctx is not None:
+        if replica_ctx is None:
+            batch_mean = shift + mean
+        else:
             shape = tf.shape(mean)
             shift = tf.broadcast_to(shift, shape)
-            count, mean, variance = distributed.replica_moments(
+            count, common, mean, variance = (tf.reshape(t, shape) for t in distributed.replica_moments(
                 replica_ctx, *(tf.reshape(t, [-1]) for t in (count, mean, variance)),
-                ops.merge_moments, shift=tf.reshape(shift, [-1]))
-            count, mean, variance = (tf.reshape(t, shape) for t in (count, mean, variance))
+                ops.merge_moments, shift=tf.reshape(shift, [-1])))
+            # The same on every replica; this replica normalizes with the
+            # global mean relative to its own shift.
+            batch_mean = common + mean
+            mean = mean + (common - shift)
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
         inv = tf.math.rsqrt(variance + tf.constant(epsilon, stat_dtype))
         n = tf.maximum(count, 1.0)
         r = d = None
         if correction is not None:
-            r, d = (tf.stop_gradient(t)
-                    for t in correction(shift + mean, variance, broadcast))
+            r, d = (tf.stop_gradient(t) for t in correction(batch_mean, variance, broadcast))
 
         # The statistics as functions of x, for the backward pass (see
         # `_attached`); each derivative reads the others the same way, so
@@ -194,7 +215,7 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
             return (to_x(dx), *grads)
 
         y = tf.cast(tf.reshape(y, x_shape), x.dtype)
-        return (y, count, shift + mean, variance), backward
+        return (y, count, tf.stop_gradient(batch_mean), variance), backward
 
     params = [p for p in (gamma, beta) if p is not None]
     y, count, mean, variance = forward(x, *params)

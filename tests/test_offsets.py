@@ -24,9 +24,11 @@ VAR_RTOL = 1e-4
 # The float64 mean of float32 values at 2e6 is itself only represented in
 # float32 to half its last place, 0.125: a relative 1e-7 of the mean.
 MEAN_RTOL = 2e-7
-# Normalized outputs are O(1): a few float32 ulps of the shifted input
-# (the input itself is exact) divided by a standard deviation >= 0.1.
-Y_ATOL = 2e-5
+# Normalized outputs are within 5 in magnitude, and a variance off by a
+# relative d scales them by d / 2: with d <= 1e-5 (what TF ops measure here,
+# the unstaged sum over 4096 values of an unknown batch included) that is
+# 2.5e-5, plus float32 rounding of y itself.
+Y_ATOL = 5e-5
 
 
 def _offset_data(shape, axis, offset, std=(0.1, 1.0), seed=0, dtype=np.float32):
