@@ -55,7 +55,7 @@ class ChannelAffine(keras.layers.Layer):
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        self.axis = checks.axis(axis, self._caller)
+        self.axis = checks.single_axis(axis, self._caller)
         self.supports_masking = True
         self.scale = None
         self.offset = None
