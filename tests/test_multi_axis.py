@@ -539,3 +539,45 @@ def test_export_serves_what_predict_computes(tmp_path):
     for n in (1, 3):
         (y,) = serve(tf.constant(_x(n))).values()
         np.testing.assert_allclose(y, model.predict(_x(n), verbose=0), rtol=1e-5, atol=1e-5)
+
+
+# --- what takes one channel axis only ------------------------------------------
+
+
+def test_to_keras_refuses():
+    with pytest.raises(ValueError) as info:
+        keras_bn.to_keras(_model())
+    assert str(info.value) == (
+        "to_keras: BatchNorm 'bn' has no keras.layers.BatchNormalization equivalent: "
+        "argument `axis` must be a single integer (Keras keeps statistics along one channel "
+        "axis) there; received axis=[1, 3].")
+
+
+def test_fold_batch_norms_refuses():
+    with pytest.raises(ValueError) as info:
+        keras_bn.fold_batch_norms(_model())
+    assert str(info.value) == (
+        "fold_batch_norms: argument `model` must hold batch norms with a single channel "
+        "axis; received BatchNorm 'bn' with axis=[1, 3] in model 'net': its scale varies "
+        "over several axes, which neither the kernel of the layer before it (scaled per "
+        "output channel) nor a ChannelAffine (one channel axis) can hold.")
+
+
+def test_to_torch_state_dict_refuses():
+    layer, _ = _layer((None, 2, 3), [1, 2])
+    with pytest.raises(ValueError) as info:
+        keras_bn.to_torch_state_dict(layer, as_numpy=True)
+    assert str(info.value) == (
+        "to_torch_state_dict: argument `layer` must have a single channel axis, as a "
+        f"PyTorch batch norm has; received {layer.name!r} with axis=[1, 2].")
+
+
+def test_from_torch_refuses_several_axes_and_takes_a_one_entry_list():
+    state = {"weight": np.ones(3), "bias": np.zeros(3), "running_mean": np.zeros(3),
+             "running_var": np.ones(3)}
+    with pytest.raises(ValueError) as info:
+        keras_bn.from_torch(state, axis=[1, 2])
+    assert str(info.value) == (
+        "from_torch: argument `axis` must be a single integer, as a PyTorch batch norm has "
+        "one channel axis; received axis=[1, 2].")
+    assert keras_bn.from_torch(state, axis=[1]).axis == 1
