@@ -151,7 +151,8 @@ class _BatchMoments:
         return sum(self.sizes)
 
     def result(self):
-        counts = np.outer(self.sizes, np.ones_like(self.means[0]))
+        # [batches, *weight shape]: a multi-axis layer's statistics are 2-D or more.
+        counts = np.multiply.outer(self.sizes, np.ones_like(self.means[0]))
         _, mean, variance = ops.merge_moments(
             tf.constant(counts), tf.constant(np.stack(self.means)),
             tf.constant(np.stack(self.variances)))
@@ -170,8 +171,8 @@ def _positions(layer):
         shape = layer.input.shape
     except (AttributeError, ValueError):
         return 1
-    axis = layer.axis % len(shape)
-    sizes = [d for i, d in enumerate(shape) if i not in (0, axis)]
+    kept = {0, *(a % len(shape) for a in np.atleast_1d(layer.axis))}
+    sizes = [d for i, d in enumerate(shape) if i not in kept]
     return int(np.prod(sizes)) if all(d is not None for d in sizes) else 1
 
 

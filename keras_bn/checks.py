@@ -46,13 +46,44 @@ def epsilon(value, caller):
     return float(value)
 
 
-def axis(value, caller):
+def single_axis(value, caller):
     """A single int (negative counts from the end)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
             f"{caller}: argument `axis` must be a single integer; received "
             f"axis={value!r} of type {type(value).__name__}.")
     return int(value)
+
+
+def axis(value, caller):
+    """An int, or a list (or tuple) of ints naming each axis once.
+
+    Returns the int, a one-entry list's int (the same layer), or a list of
+    ints as given: negative entries are resolved against the input's rank
+    by `channel_axis`, once it is known.
+    """
+    if not isinstance(value, (list, tuple)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(
+                f"{caller}: argument `axis` must be an integer or a list of "
+                f"integers; received axis={value!r} of type {type(value).__name__}.")
+        return int(value)
+    for entry in value:
+        if isinstance(entry, bool) or not isinstance(entry, numbers.Integral):
+            raise TypeError(
+                f"{caller}: argument `axis` must be an integer or a list of "
+                f"integers; received axis={value!r}, whose entry {entry!r} is of "
+                f"type {type(entry).__name__}.")
+    if not value:
+        raise ValueError(
+            f"{caller}: argument `axis` must be an integer or a non-empty list "
+            f"of integers; received axis={value!r}.")
+    axes = [int(a) for a in value]
+    if len(set(axes)) != len(axes):
+        raise ValueError(
+            f"{caller}: argument `axis` must name each axis once; received "
+            f"axis={axes}.")
+    return axes[0] if len(axes) == 1 else axes
 
 
 def fused(value, caller):
@@ -203,7 +234,8 @@ def training(value, caller):
 
 
 def channel_axis(rank, axis, caller):
-    """`axis` as a non-negative index into a shape of `rank`."""
+    """`axis` as a non-negative index into a shape of `rank`, or, for a list,
+    as a sorted tuple of them (the order the weights run in)."""
     if rank is None:
         raise ValueError(
             f"{caller}: the input rank must be known; received an input of "
@@ -212,22 +244,58 @@ def channel_axis(rank, axis, caller):
         raise ValueError(
             f"{caller}: expected an input of rank >= 2 (batch and channels); "
             f"received rank {rank}.")
-    if not -rank <= axis < rank:
+    if isinstance(axis, int):
+        if not -rank <= axis < rank:
+            raise ValueError(
+                f"{caller}: argument `axis` must be in [{-rank}, {rank}) for an "
+                f"input of rank {rank}; received axis={axis}.")
+        return axis % rank
+    if not all(-rank <= a < rank for a in axis):
         raise ValueError(
-            f"{caller}: argument `axis` must be in [{-rank}, {rank}) for an "
-            f"input of rank {rank}; received axis={axis}.")
-    return axis % rank
+            f"{caller}: argument `axis` must hold axes in [{-rank}, {rank}) for "
+            f"an input of rank {rank}; received axis={axis}.")
+    axes = tuple(sorted(a % rank for a in axis))
+    if len(set(axes)) != len(axes):
+        twice = next(a for a in axes if axes.count(a) > 1)
+        raise ValueError(
+            f"{caller}: argument `axis` must name each axis once; received "
+            f"axis={axis}, which names axis {twice} twice for an input of rank "
+            f"{rank}.")
+    if len(axes) == rank:
+        raise ValueError(
+            f"{caller}: argument `axis` must leave an axis to compute the "
+            f"statistics over; received axis={axis}, every axis of an input of "
+            f"rank {rank}.")
+    return axes
 
 
 def known_channels(input_shape, axis, caller):
-    """The channel count on `axis` of a build-time shape."""
+    """The channel count on `axis` of a build-time shape; for a list of
+    axes, the tuple of their sizes (the weights' shape)."""
     input_shape = tuple(input_shape)
-    channels = input_shape[channel_axis(len(input_shape), axis, caller)]
-    if channels is None:
+    axes = channel_axis(len(input_shape), axis, caller)
+    if isinstance(axes, int):
+        channels = input_shape[axes]
+        if channels is None:
+            raise ValueError(
+                f"{caller}: the channel dimension (axis {axis}) of the input must "
+                f"be known at build time; received input shape {input_shape}.")
+        return int(channels)
+    sizes = tuple(input_shape[a] for a in axes)
+    if None in sizes:
         raise ValueError(
-            f"{caller}: the channel dimension (axis {axis}) of the input must "
-            f"be known at build time; received input shape {input_shape}.")
-    return int(channels)
+            f"{caller}: the dimensions on axis={axis} of the input must be known "
+            f"at build time; received input shape {input_shape}.")
+    return tuple(int(d) for d in sizes)
+
+
+def batch_axis_free(axes, virtual_batch_size, axis, caller):
+    """Ghost batches split axis 0, so no statistic may be kept along it."""
+    if virtual_batch_size is not None and 0 in ((axes,) if isinstance(axes, int) else axes):
+        raise ValueError(
+            f"{caller}: argument `axis` must not name the batch axis 0 with "
+            f"virtual_batch_size={virtual_batch_size}, which splits that axis "
+            f"into ghost batches; received axis={axis}.")
 
 
 def float_input(x, caller):
@@ -240,11 +308,14 @@ def float_input(x, caller):
     return x
 
 
-def layer_input(inputs, channels, axis, compute_dtype, caller):
+def layer_input(inputs, channels, axis, compute_dtype, caller, rank=None):
     """A layer's input as a dense real tensor with `channels` on `axis`.
 
-    Integer and bool inputs are cast to `compute_dtype`, as in Keras's
-    layer. Returns (inputs, non-negative axis).
+    For a list of axes, `channels` is the tuple of their built sizes and
+    `rank` the rank the layer was built for, which its negative entries
+    were resolved against. Integer and bool inputs are cast to
+    `compute_dtype`, as in Keras's layer. Returns (inputs, non-negative
+    axis, or the sorted tuple of axes).
     """
     if isinstance(inputs, tf.RaggedTensor):
         raise TypeError(
@@ -256,6 +327,20 @@ def layer_input(inputs, channels, axis, compute_dtype, caller):
             f"{caller}: expected a dense tensor; received a SparseTensor. "
             "Convert it with `tf.sparse.to_dense(x)` first.")
     inputs = tf.convert_to_tensor(inputs)
+    if isinstance(axis, int):
+        inputs, axis = _channels_on_axis(inputs, channels, axis, caller)
+    else:
+        inputs, axis = _sizes_on_axes(inputs, channels, axis, rank, caller)
+    if not inputs.dtype.is_floating:
+        if inputs.dtype != tf.bool and not inputs.dtype.is_integer:
+            raise TypeError(
+                f"{caller}: expected a real-valued (float, integer or bool) "
+                f"input tensor; received dtype {inputs.dtype.name}.")
+        inputs = tf.cast(inputs, compute_dtype)
+    return inputs, axis
+
+
+def _channels_on_axis(inputs, channels, axis, caller):
     message = (f"{caller} was built for {channels} channels on axis {axis}; "
                "received an input with")
     axis = channel_axis(inputs.shape.rank, axis, caller)
@@ -269,17 +354,37 @@ def layer_input(inputs, channels, axis, compute_dtype, caller):
                 tf.shape(inputs)[axis], channels,
                 message=f"{message} another number of channels.")]):
             inputs = tf.identity(inputs)
-    if not inputs.dtype.is_floating:
-        if inputs.dtype != tf.bool and not inputs.dtype.is_integer:
-            raise TypeError(
-                f"{caller}: expected a real-valued (float, integer or bool) "
-                f"input tensor; received dtype {inputs.dtype.name}.")
-        inputs = tf.cast(inputs, compute_dtype)
     return inputs, axis
 
 
-def vector(value, name, channels, dtype, caller):
-    """A (C,) parameter of the op as a `dtype` tensor, or None."""
+def _sizes_on_axes(inputs, sizes, axis, rank, caller):
+    """As `_channels_on_axis` for a list of axes, which fixes the rank."""
+    shape = tuple(inputs.shape)
+    if inputs.shape.rank != rank:
+        raise ValueError(
+            f"{caller} was built for inputs of rank {rank} (axis={axis}); "
+            f"received an input of rank {inputs.shape.rank} (shape {shape}).")
+    axes = channel_axis(rank, axis, caller)
+    message = (f"{caller} was built for sizes {sizes} on axis={axis}; received "
+               "an input with")
+    received = tuple(shape[a] for a in axes)
+    if any(r is not None and r != s for r, s in zip(received, sizes)):
+        raise ValueError(f"{message} sizes {received} there (shape {shape}).")
+    if None in received:
+        with tf.control_dependencies([tf.debugging.assert_equal(
+                tf.gather(tf.shape(inputs), axes), sizes,
+                message=f"{message} other sizes there.")]):
+            inputs = tf.identity(inputs)
+    return inputs, axes
+
+
+def vector(value, name, channels, dtype, caller, axis=None):
+    """A (C,) parameter of the op as a `dtype` tensor, or None.
+
+    For a list of axes (`axis`, as the user gave it), `channels` is the
+    tuple of `x`'s sizes on them: the shape the parameter must have, as a
+    multi-axis layer's weights do.
+    """
     if value is None:
         return None
     value = tf.convert_to_tensor(value, dtype_hint=dtype)
@@ -287,6 +392,14 @@ def vector(value, name, channels, dtype, caller):
         raise TypeError(
             f"{caller}: argument `{name}` must be floating-point; received "
             f"dtype {value.dtype.name}.")
+    if isinstance(channels, tuple):
+        if value.shape.rank != len(channels) or not all(
+                c is None or d is None or c == d for c, d in zip(channels, value.shape)):
+            raise ValueError(
+                f"{caller}: argument `{name}` must have shape {channels} to "
+                f"match the sizes of `x` on axis={axis}; received shape "
+                f"{tuple(value.shape)}.")
+        return tf.cast(value, dtype)
     if value.shape.rank != 1 or (
             channels is not None and value.shape[0] is not None
             and value.shape[0] != channels):

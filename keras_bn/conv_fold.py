@@ -75,8 +75,9 @@ def joins(x, axis):
 
     Conv2D only where the graph optimizer fuses it: a float32 output (its
     CPU fusion's only dtype), channels-last or, with oneDNN, either layout.
+    Only a single channel axis is a convolution's.
     """
-    if x.shape.rank != 4 or axis not in (1, 3):
+    if x.shape.rank != 4 or not isinstance(axis, int) or axis not in (1, 3):
         return None
     found = _producer(x, _data_format(axis))
     if found is None:

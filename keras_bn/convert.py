@@ -238,6 +238,10 @@ def _unsupported(layer, argument, expected, received):
 
 def _check_options(layer):
     """Raises ValueError for a BatchNorm option Keras's layer can't express."""
+    if not isinstance(layer.axis, int):
+        raise _unsupported(
+            layer, "axis", "a single integer (Keras keeps statistics along one "
+            "channel axis)", layer.axis)
     if layer.momentum is None:
         raise _unsupported(
             layer, "momentum", "a number (Keras keeps no cumulative average)",
@@ -316,7 +320,8 @@ def to_keras(model):
 
     Raises:
         ValueError: naming the layer and the option, for a BatchNorm Keras's
-            layer can't express: `momentum=None` (a cumulative average),
+            layer can't express: a list of several axes, `momentum=None`
+            (a cumulative average),
             `virtual_batch_size`, `track_running_stats=False`,
             `unbiased_moving_variance=True`, an `adjustment`, a callable or
             schedule among the `renorm_clipping` bounds, or calls on inputs

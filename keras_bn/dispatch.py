@@ -78,7 +78,7 @@ def fused_is_faster(x, axis, training=True):
         return False, "under XLA, which fuses TF ops"
     if fused_kernel.gpu_visible():
         return True, "cuDNN on the GPU"
-    if axis != x.shape.rank - 1:
+    if ops.axes_of(axis)[-1] != x.shape.rank - 1:
         return False, "channels-first on CPU"
     if tf.executing_eagerly():
         return True, "eagerly, one kernel instead of many ops"
@@ -101,7 +101,9 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
     """The kernel for one call, and why.
 
     Args:
-        x: the input; `axis` its non-negative channel axis.
+        x: the input; `axis` its non-negative channel axis, or a sorted
+            tuple of them (statistics per position of several axes: the
+            kernel serves a block of neighbouring ones, reshaped into one).
         training: True, False, or a symbolic flag (counts as training: that
             branch has the kernel's epsilon limit).
         fused: the user's choice: None (pick), True (require the kernel),

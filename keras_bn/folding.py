@@ -55,7 +55,7 @@ class ChannelAffine(keras.layers.Layer):
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        self.axis = checks.axis(axis, self._caller)
+        self.axis = checks.single_axis(axis, self._caller)
         self.supports_masking = True
         self.scale = None
         self.offset = None
@@ -256,6 +256,9 @@ def fold_batch_norms(model):
     in inference (`training=False`), within float rounding, and is compiled
     as `model` was if `model` was compiled.
 
+    A `BatchNorm` with a list of several axes is refused (ValueError): its
+    scale varies per position of those axes.
+
     Args:
         model: A built `keras.Sequential` or functional `keras.Model`.
 
@@ -280,6 +283,16 @@ def fold_batch_norms(model):
             "a functional keras.Model; received a subclassed model of type "
             f"{type(model).__name__}, whose layer graph is not known."
         )
+    for layer in model.layers:
+        if isinstance(layer, BatchNorm) and not isinstance(layer.axis, int):
+            raise ValueError(
+                "fold_batch_norms: argument `model` must hold batch norms with "
+                f"a single channel axis; received BatchNorm '{layer.name}' with "
+                f"axis={layer.axis} in model '{model.name}': its scale varies "
+                "over several axes, which neither the kernel of the layer before "
+                "it (scaled per output channel) nor a ChannelAffine (one channel "
+                "axis) can hold."
+            )
     folder = _Folder(model)
     if not is_sequential:
         return keras.models.clone_model(

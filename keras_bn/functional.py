@@ -47,7 +47,10 @@ def batch_norm(
         momentum: weight of the old value in
             `new = momentum * moving + (1 - momentum) * batch`; in [0, 1].
         epsilon: added to the variance; > 0.
-        axis: the channel axis; negative counts from the end.
+        axis: the channel axis; negative counts from the end. Or a list of
+            axes, as `BatchNorm` takes it: statistics per position of those
+            axes, and gamma, beta and the moving statistics of the shape of
+            `x`'s sizes on them, in increasing order of axis.
         fused: None (default) picks the faster of TensorFlow's fused
             batch-norm kernel and plain TF ops for this call (see
             `keras_bn.dispatch.route`); True requires the kernel (ValueError
@@ -68,14 +71,14 @@ def batch_norm(
     caller = "batch_norm"
     momentum = checks.momentum(momentum, caller)
     epsilon = checks.epsilon(epsilon, caller)
-    axis = checks.axis(axis, caller)
+    given = axis = checks.axis(axis, caller)
     fused = checks.fused(fused, caller)
     x = checks.float_input(x, caller)
     axis = checks.channel_axis(x.shape.rank, axis, caller)
-    channels = x.shape[axis]
+    channels = x.shape[axis] if isinstance(axis, int) else tuple(x.shape[a] for a in axis)
     stat_dtype = ops.statistics_dtype(x.dtype)
     gamma, beta, moving_mean, moving_variance = (
-        checks.vector(value, name, channels, stat_dtype, caller)
+        checks.vector(value, name, channels, stat_dtype, caller, given)
         for value, name in ((gamma, "gamma"), (beta, "beta"),
                             (moving_mean, "moving_mean"),
                             (moving_variance, "moving_variance")))
@@ -84,11 +87,17 @@ def batch_norm(
             f"{caller}: arguments `moving_mean` and `moving_variance` are "
             "required; received None.")
     training = checks.training(training, caller)
+    if not isinstance(axis, int):
+        # The kernels take (C,) vectors, row-major over the axes.
+        shape = tf.shape(moving_mean)
+        gamma, beta = (None if v is None else tf.reshape(v, [-1]) for v in (gamma, beta))
 
     def train():
         y, stats = dispatch.train(
             x, gamma, beta, epsilon=epsilon, axis=axis, fused=fused,
             synchronized=synchronized)
+        if not isinstance(axis, int):
+            stats = ops.BatchStats(*(tf.reshape(t, shape) for t in stats))
         mean, variance, accepted = ops.moving_target(stats, guard=guard_bad_batches)
         return (
             y,
@@ -99,7 +108,10 @@ def batch_norm(
         )
 
     def infer():
-        y = dispatch.infer(x, moving_mean, moving_variance, gamma, beta,
+        mean, variance = moving_mean, moving_variance
+        if not isinstance(axis, int):
+            mean, variance = tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
+        y = dispatch.infer(x, mean, variance, gamma, beta,
                            epsilon=epsilon, axis=axis, fused=fused)
         return y, moving_mean, moving_variance
 

@@ -5,7 +5,8 @@ cuDNN on GPU), reached through free reshapes.
 its statistics in float32 and has a registered gradient, so one kernel does
 the work of the separate moments / normalize / cast ops. It only takes 4-D
 tensors with the channel on axis 1 or 3; every single-axis case maps onto
-that without copying memory (see `_kernel_view`).
+that without copying memory (see `_kernel_view`), and so does a block of
+neighbouring axes; other sets of axes take the TF-ops kernel.
 """
 
 import tensorflow as tf
@@ -41,9 +42,16 @@ def min_epsilon():
 def unsupported_reason(x, axis, epsilon, training):
     """Why the fused kernel can't serve this call, or None if it can.
 
-    `axis` is non-negative. A symbolic `training` counts as training: the
-    training branch is the one with the epsilon limit.
+    `axis` is non-negative, or a sorted tuple of axes. A symbolic
+    `training` counts as training: the training branch is the one with the
+    epsilon limit.
     """
+    axes = ops.axes_of(axis)
+    if axes[-1] - axes[0] != len(axes) - 1:
+        return (
+            "the kernel takes one channel axis, or axes next to each other that "
+            f"a reshape makes one; received axes {list(axes)}"
+        )
     if x.dtype not in KERNEL_DTYPES:
         return (
             "the kernel takes float16, bfloat16 or float32 inputs; received "
@@ -63,7 +71,9 @@ def _kernel_view(x, axis):
     Channels-last: [A, 1, 1, C] in NHWC. Channel on axis k >= 1 of
     [d0..dk-1, C, dk+1..]: [prod(before), C, prod(after), 1] in NCHW. A 4-D
     input already in NHWC or NCHW is passed as it is, which keeps Grappler's
-    Conv2D + FusedBatchNorm (+ ReLU) fusion available.
+    Conv2D + FusedBatchNorm (+ ReLU) fusion available. A block of
+    neighbouring axes (a sorted tuple) is one channel axis of the product
+    of their sizes, row-major as the (C,) vectors run.
     """
     rank = x.shape.rank
     if rank == 4 and axis == 3:
@@ -71,18 +81,23 @@ def _kernel_view(x, axis):
     if rank == 4 and axis == 1:
         return x, "NCHW"
     shape = tf.shape(x)
-    channels = x.shape[axis] if x.shape[axis] is not None else shape[axis]
-    if axis == rank - 1:
+    axes = ops.axes_of(axis)
+    first, last = axes[0], axes[-1]
+    block = x.shape[first:last + 1]
+    channels = (block.num_elements() if block.is_fully_defined()
+                else tf.reduce_prod(shape[first:last + 1]))
+    if last == rank - 1:
         return tf.reshape(x, [-1, 1, 1, channels]), "NHWC"
-    before = tf.reduce_prod(shape[:axis])
+    before = tf.reduce_prod(shape[:first])
     return tf.reshape(x, [before, channels, -1, 1]), "NCHW"
 
 
-def _filled(gamma, beta, x, axis):
+def _filled(gamma, beta, view, data_format):
     """gamma and beta, ones and zeros where absent: the kernel needs both."""
     if gamma is not None and beta is not None:
         return gamma, beta
-    channels = tf.shape(x)[axis:axis + 1]
+    channel_axis = _channel_axis(data_format)
+    channels = tf.shape(view)[channel_axis:channel_axis + 1]
     gamma = tf.ones(channels, tf.float32) if gamma is None else gamma
     beta = tf.zeros(channels, tf.float32) if beta is None else beta
     return gamma, beta
@@ -199,14 +214,15 @@ def train(x, gamma, beta, epsilon, axis):
     computed from the data the kernel saw, to every order.
 
     Args:
-        x: float16/bfloat16/float32 input; `axis` non-negative.
+        x: float16/bfloat16/float32 input; `axis` non-negative, or a
+            sorted tuple of neighbouring axes.
         gamma, beta: float32 (C,) vectors or None.
 
     Returns:
         (y, BatchStats); y in x's dtype, per-channel float32 statistics.
     """
     view, data_format = _kernel_view(x, axis)
-    gamma, beta = _filled(gamma, beta, x, axis)
+    gamma, beta = _filled(gamma, beta, view, data_format)
     channel_axis = _channel_axis(data_format)
     if gpu_visible():
         out = _kernel(view, gamma, beta, epsilon, data_format)
@@ -245,7 +261,7 @@ def train(x, gamma, beta, epsilon, axis):
 def infer(x, gamma, beta, mean, variance, epsilon, axis):
     """Inference-mode batch norm by the fused kernel; y in x's dtype."""
     view, data_format = _kernel_view(x, axis)
-    gamma, beta = _filled(gamma, beta, x, axis)
+    gamma, beta = _filled(gamma, beta, view, data_format)
     if epsilon < min_epsilon():
         # Same result, epsilon within cuDNN's limit: the kernel adds its
         # epsilon to the variance we hand it, so hand it the difference.

@@ -24,6 +24,7 @@ import collections.abc
 import keras
 import numpy as np
 
+from keras_bn import checks
 from keras_bn.layer import BatchNorm
 
 _KEYS = (
@@ -118,8 +119,14 @@ def from_torch(state_dict_or_module, axis=1, **layer_kwargs):
 
     Raises:
         ValueError: for entries that are unexpected, of different lengths,
-            or only one of the two running statistics.
+            or only one of the two running statistics, or a list of several
+            axes.
     """
+    axis = checks.axis(axis, "from_torch")
+    if not isinstance(axis, int):
+        raise ValueError(
+            "from_torch: argument `axis` must be a single integer, as a PyTorch "
+            f"batch norm has one channel axis; received axis={axis}.")
     settings = {}
     if hasattr(state_dict_or_module, "state_dict") and not isinstance(
         state_dict_or_module, collections.abc.Mapping
@@ -222,6 +229,10 @@ def to_torch_state_dict(layer, num_batches_tracked=None, as_numpy=False):
         as_numpy: If True, NumPy arrays (and no torch import); else torch
             tensors, which `load_state_dict` requires.
 
+    Raises:
+        ValueError: for a layer with a list of several axes, which no
+            PyTorch batch norm has.
+
     Returns:
         A dict with the keys `weight`, `bias` (unless affine=False),
         `running_mean`, `running_var` and `num_batches_tracked`; only the
@@ -238,6 +249,12 @@ def to_torch_state_dict(layer, num_batches_tracked=None, as_numpy=False):
         raise ValueError(
             "to_torch_state_dict: argument `layer` must be built; received "
             f"{layer.name!r}, which has no weights yet."
+        )
+    if not isinstance(layer.axis, int):
+        raise ValueError(
+            "to_torch_state_dict: argument `layer` must have a single channel "
+            "axis, as a PyTorch batch norm has; received "
+            f"{layer.name!r} with axis={layer.axis}."
         )
     state = {}
     if layer.scale or layer.center:

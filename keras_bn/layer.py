@@ -55,7 +55,21 @@ class BatchNorm(keras.layers.Layer):
     Args:
         axis: Integer, the channel axis (e.g. `-1` after a channels-last
             `Conv2D`, `1` after a channels-first one). The input may have any
-            rank >= 2; only the channel size is fixed at build time.
+            rank >= 2; only the channel size is fixed at build time. Or a
+            list of integers, as in tf_keras: statistics per position of
+            those axes, reduced over all the others (`axis=[1, 2]` keeps a
+            mean per (d1, d2)). The input's rank is then fixed at build
+            time, negative entries are resolved against it, and each weight
+            has the shape of the sizes on the axes in increasing order,
+            `(d1, d2)`; tf_keras keeps the same values in a broadcast shape,
+            `(1, d1, d2)` (with an extra 1 under `virtual_batch_size`), so
+            `np.reshape(w, layer.gamma.shape)` carries its weights across.
+            The compact shape doesn't depend on the rank or on ghost
+            batches. A one-entry list is its integer (`axis=[3]` is
+            `axis=3`, and is saved as `3`). The list must name each axis
+            once, within the rank, not every axis, and not the batch axis 0
+            with `virtual_batch_size`. `to_keras`, `fold_batch_norms` and
+            the PyTorch functions take a single axis only.
         momentum: Weight of the old value in the moving averages, in [0, 1].
             None keeps a cumulative average instead, the plain mean of every
             batch statistic seen so far (PyTorch's `momentum=None`), counted
@@ -161,7 +175,8 @@ class BatchNorm(keras.layers.Layer):
 
     Call arguments:
         inputs: Tensor of rank >= 2 with the built number of channels on
-            `axis`.
+            `axis`; for a list of axes, of the built rank with the built
+            sizes on them.
         training: Python bool, or a scalar bool tensor inside `tf.function`
             (both branches are traced once). None (the default outside
             `fit()`) means inference.
@@ -288,7 +303,11 @@ class BatchNorm(keras.layers.Layer):
         )
 
     def build(self, input_shape):
-        shape = (checks.known_channels(input_shape, self.axis, self._caller),)
+        channels = checks.known_channels(input_shape, self.axis, self._caller)
+        # Several axes fix the rank: their negative entries are resolved
+        # against it, and the weights have the sizes on them.
+        self._built_rank = None if isinstance(self.axis, int) else len(input_shape)
+        shape = (channels,) if isinstance(channels, int) else channels
         # Created in Keras's order so that get_weights()/set_weights()
         # interoperate with keras.layers.BatchNormalization; the weights
         # only some options need come after those four.
@@ -314,7 +333,7 @@ class BatchNorm(keras.layers.Layer):
                 trainable=True,
                 autocast=False,
             )
-        self._channels = shape[0]
+        self._channels = channels
         if self.track_running_stats:
             self.moving_mean = self._statistic(
                 "moving_mean", self.moving_mean_initializer, shape)
@@ -403,7 +422,7 @@ class BatchNorm(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         caller = self._caller
         inputs, axis = checks.layer_input(
-            inputs, self._channels, self.axis, self.compute_dtype, caller)
+            inputs, self._channels, self.axis, self.compute_dtype, caller, self._built_rank)
         training = checks.training(training, caller)
         if not self.trainable:
             training = False
@@ -421,7 +440,7 @@ class BatchNorm(keras.layers.Layer):
 
     def _gamma_and_beta(self, dtype):
         """The affine weights read in the statistics dtype (None if absent)."""
-        return tuple(None if v is None else tf.cast(v, dtype) for v in (self.gamma, self.beta))
+        return tuple(None if v is None else _vector(v, dtype) for v in (self.gamma, self.beta))
 
     def _train(self, inputs, axis, mask):
         if self.virtual_batch_size is not None:
@@ -430,6 +449,7 @@ class BatchNorm(keras.layers.Layer):
                     f"{self._caller}: a `mask` and virtual_batch_size="
                     f"{self.virtual_batch_size} don't combine; received a mask "
                     "with ghost batch normalization on.")
+            checks.batch_axis_free(axis, self.virtual_batch_size, self.axis, self._caller)
             inputs = checks.batch_multiple(inputs, self.virtual_batch_size, self._caller)
         dtype = ops.statistics_dtype(inputs.dtype)
         gamma, beta = self._gamma_and_beta(dtype)
@@ -461,7 +481,7 @@ class BatchNorm(keras.layers.Layer):
                 fused=self.fused, synchronized=self.synchronized,
                 caller=self._caller)[0]
         return dispatch.infer(
-            inputs, tf.cast(self.moving_mean, dtype), tf.cast(self.moving_variance, dtype),
+            inputs, _vector(self.moving_mean, dtype), _vector(self.moving_variance, dtype),
             gamma, beta, epsilon=self.epsilon, axis=axis, fused=self.fused,
             caller=self._caller)
 
@@ -469,6 +489,9 @@ class BatchNorm(keras.layers.Layer):
         momentum = self.momentum
         if momentum is None:
             momentum = ops.cumulative_momentum(self.num_batches_tracked, stats.mean.dtype)
+        if self._built_rank is not None:
+            # The (C,) statistics in the weights' shape, (d1, d2, ...).
+            stats = ops.BatchStats(*(tf.reshape(t, self.moving_mean.shape) for t in stats))
         mean, variance, accepted = ops.moving_target(
             stats, unbiased=self.unbiased_moving_variance,
             guard=self.guard_bad_batches)
@@ -508,8 +531,8 @@ class BatchNorm(keras.layers.Layer):
         inside it: read within the custom gradient, Grappler's dependency
         optimizer was seen to let their update overtake the read.
         """
-        renorm_mean = tf.cast(self.renorm_mean, dtype)
-        renorm_stddev = tf.cast(self.renorm_stddev, dtype)
+        renorm_mean = _vector(self.renorm_mean, dtype)
+        renorm_stddev = _vector(self.renorm_stddev, dtype)
         step = tf.cast(getattr(self, "renorm_steps", 0), tf.float32)
         # A numeric bound goes straight to the statistics dtype; a float32
         # round trip would move 1.2 by 5e-8 in float64.
@@ -589,6 +612,13 @@ class BatchNorm(keras.layers.Layer):
             config["adjustment"] = keras.saving.deserialize_keras_object(
                 config["adjustment"])
         return super().from_config(config)
+
+
+def _vector(weight, dtype):
+    """A weight in `dtype` as the (C,) vector the kernels take: a multi-axis
+    layer's (d1, d2, ...) weights run row-major over its axes."""
+    v = tf.cast(weight, dtype)
+    return v if v.shape.rank == 1 else tf.reshape(v, [-1])
 
 
 def _sqrt_of(initializer):

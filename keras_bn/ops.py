@@ -21,12 +21,32 @@ def statistics_dtype(dtype):
     return tf.float32 if dtype in _HALF_DTYPES else dtype
 
 
-def per_channel(v, rank, axis):
-    """Reshapes a (C,) vector so that it broadcasts along `axis`."""
-    if axis == rank - 1:
+def axes_of(axis):
+    """The channel axes as a tuple: `(axis,)` for one, else `axis` itself."""
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+
+
+def sizes_on(x, axis):
+    """x's sizes on a sorted tuple of axes (a scalar tensor where unknown),
+    what `per_channel` needs; None for a single axis, which doesn't."""
+    if isinstance(axis, int):
+        return None
+    return [tf.shape(x)[a] if x.shape[a] is None else x.shape[a] for a in axis]
+
+
+def per_channel(v, rank, axis, sizes=None):
+    """Reshapes a (C,) vector so that it broadcasts along `axis`.
+
+    `axis` is one non-negative axis, or a sorted tuple of them with their
+    `sizes` (`sizes_on`): then C is their product and the vector runs over
+    them row-major, the order of a multi-axis layer's weights.
+    """
+    axes = axes_of(axis)
+    if axes == (rank - 1,):
         return v
     shape = [1] * rank
-    shape[axis] = -1
+    for a, size in zip(axes, sizes or [-1]):
+        shape[a] = size
     return tf.reshape(v, shape)
 
 
@@ -127,7 +147,8 @@ def count_over(x, axes, dtype):
 
 
 def moments(x, axis=-1):
-    """Per-channel mean and biased variance of `x` over every axis but `axis`.
+    """Per-channel mean and biased variance of `x` over every axis but `axis`
+    (an int, or a list of ints: then per position of those axes).
 
     Half-precision inputs are reduced in float32. The sums run in stages,
     on data shifted by a first estimate of their mean (`moments_about`),
@@ -135,13 +156,14 @@ def moments(x, axis=-1):
     keep their variance; a mean of squares is never negative.
 
     Returns:
-        (mean, variance), each of shape (C,).
+        (mean, variance), each of shape (C,): for several axes, C is the
+        product of their sizes, row-major over them in increasing order.
     """
     x = tf.convert_to_tensor(x)
     rank = x.shape.rank
-    axis %= rank
+    kept = {a % rank for a in axes_of(axis)}
     x = tf.cast(x, statistics_dtype(x.dtype))
-    axes = [i for i in range(rank) if i != axis]
+    axes = [i for i in range(rank) if i not in kept]
     shift = tf.stop_gradient(staged_moments(x, axes)[0])
     mean, variance = moments_about(x, axes, shift)
     return tf.reshape(shift + mean, [-1]), tf.reshape(variance, [-1])
@@ -188,8 +210,9 @@ def affine(x, a, b, axis):
     in the statistics dtype and returned in x's: batch norm's inference
     form, multiply then add, the order converters fold into the layer
     before it."""
-    rank = x.shape.rank
-    y = tf.cast(x, a.dtype) * per_channel(a, rank, axis) + per_channel(b, rank, axis)
+    rank, sizes = x.shape.rank, sizes_on(x, axis)
+    y = (tf.cast(x, a.dtype) * per_channel(a, rank, axis, sizes)
+         + per_channel(b, rank, axis, sizes))
     return tf.cast(y, x.dtype)
 
 
@@ -203,10 +226,11 @@ def normalize(x, mean, variance, gamma, beta, epsilon, axis):
     more than that form, and one that converters don't fold.
     """
     a = scale(variance, gamma, epsilon)
-    rank = x.shape.rank
-    y = (tf.cast(x, a.dtype) - per_channel(mean, rank, axis)) * per_channel(a, rank, axis)
+    rank, sizes = x.shape.rank, sizes_on(x, axis)
+    y = ((tf.cast(x, a.dtype) - per_channel(mean, rank, axis, sizes))
+         * per_channel(a, rank, axis, sizes))
     if beta is not None:
-        y = y + per_channel(beta, rank, axis)
+        y = y + per_channel(beta, rank, axis, sizes)
     return tf.cast(y, x.dtype)
 
 

@@ -46,6 +46,9 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     their derivatives with respect to x.
 
     Args:
+        axis: the non-negative channel axis, or a sorted tuple of them:
+            statistics per position of those axes, the (C,) vectors
+            running row-major over them.
         replica_ctx: statistics of the global batch across replicas (one
             all-reduce forward, one backward, each of a few (C,) vectors).
         virtual_batch_size: statistics per consecutive sub-batch of this
@@ -72,16 +75,18 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
         # Broadcast in full: a mask of size 1 along a reduced axis still
         # counts every position there.
         weights = tf.broadcast_to(tf.cast(mask, stat_dtype), x_shape)
+    # Several channel axes: the (C,) vectors run row-major over them.
+    channel_axes, sizes = ops.axes_of(axis), ops.sizes_on(x, axis)
     if virtual_batch_size is not None:
         # [N, ...] -> [G, v, ...]: sub-batch g holds examples g*v .. g*v+v-1.
         ghost_shape = tf.concat([[-1, virtual_batch_size], x_shape[1:]], 0)
         view = lambda t: tf.reshape(t, ghost_shape)  # noqa: E731
-        per_group = {0, axis + 1}
+        channel_axes = tuple(a + 1 for a in channel_axes)
+        per_group = {0, *channel_axes}
         rank += 1
-        axis += 1
     else:
         view = lambda t: t  # noqa: E731
-        per_group = {axis}
+        per_group = set(channel_axes)
     axes = [i for i in range(rank) if i not in per_group]
     w = None if weights is None else view(weights)
 
@@ -108,7 +113,7 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
         return count, shift, mean, variance
 
     def broadcast(v):
-        return v if v.shape.rank == rank else ops.per_channel(v, rank, axis)
+        return v if v.shape.rank == rank else ops.per_channel(v, rank, channel_axes, sizes)
 
     def total(t):
         """A per-channel cotangent summed over replicas: every replica's
@@ -200,9 +205,9 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
                     inv_x if r is None else inv_x * r, sum_dy_centered)
                 if d is not None:
                     grad_gamma = grad_gamma + tf.math.multiply_no_nan(d, sum_dy)
-                grads.append(_to_vector(grad_gamma, per_group, axis))
+                grads.append(_to_vector(grad_gamma, per_group, channel_axes))
             if has_beta:
-                grads.append(_to_vector(sum_dy, per_group, axis))
+                grads.append(_to_vector(sum_dy, per_group, channel_axes))
             if replica_ctx is not None:
                 sums = distributed.all_sum(
                     replica_ctx, tf.stack([sum_dy, sum_dy_centered]))
@@ -221,12 +226,12 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     y, count, mean, variance = forward(x, *params)
     # Moving statistics follow the mean over sub-batches with ghost batches.
     count, mean, variance = (
-        _to_vector(t, per_group, axis, tf.reduce_mean) for t in (count, mean, variance))
+        _to_vector(t, per_group, channel_axes, tf.reduce_mean) for t in (count, mean, variance))
     return y, ops.BatchStats(count, mean, variance)
 
 
-def _to_vector(t, per_group, axis, reduce=tf.reduce_sum):
+def _to_vector(t, per_group, channel_axes, reduce=tf.reduce_sum):
     """A keepdims statistic -> (C,), reducing a ghost-batch axis 0 if any."""
-    if 0 in per_group and axis != 0:
+    if 0 in per_group and 0 not in channel_axes:
         t = reduce(t, 0, keepdims=True)
     return tf.reshape(t, [-1])

@@ -197,9 +197,8 @@ def test_registered_serializable_under_package_name():
         ({"epsilon": -1e-5}, ValueError,
          "BatchNorm 'bn': argument `epsilon` must be a finite number > 0; received epsilon=-1e-05."),
         ({"axis": 1.5}, TypeError,
-         "BatchNorm 'bn': argument `axis` must be a single integer; received axis=1.5 of type float."),
-        ({"axis": [1, 2]}, TypeError,
-         "BatchNorm 'bn': argument `axis` must be a single integer; received axis=[1, 2] of type list."),
+         "BatchNorm 'bn': argument `axis` must be an integer or a list of integers; received "
+         "axis=1.5 of type float."),
         ({"momentum": "0.9"}, TypeError,
          "BatchNorm 'bn': argument `momentum` must be a number in [0, 1]; received "
          "momentum='0.9' of type str."),

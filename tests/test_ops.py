@@ -250,7 +250,8 @@ ONE = [1.0, 1.0]
         ({"epsilon": 0.0}, ValueError,
          "batch_norm: argument `epsilon` must be a finite number > 0; received epsilon=0.0."),
         ({"axis": 1.0}, TypeError,
-         "batch_norm: argument `axis` must be a single integer; received axis=1.0 of type float."),
+         "batch_norm: argument `axis` must be an integer or a list of integers; received "
+         "axis=1.0 of type float."),
         ({"axis": 2}, ValueError,
          "batch_norm: argument `axis` must be in [-2, 2) for an input of rank 2; received axis=2."),
         ({"training": "yes"}, TypeError,
