@@ -153,11 +153,15 @@ def _step(layer, mode, jit, dy):
     return tf.function(fn, jit_compile=jit)
 
 
-def time_case(shape, axis, dtype_name, mode, jit, repeats, warmup, extra_layers=None):
+def time_case(shape, axis, dtype_name, mode, jit, repeats, warmup, extra_layers=None,
+              rotate=False):
     """Median seconds per call for each layer and for one copy pass.
 
     `extra_layers`: {name: a BatchNorm-like class} timed in the same loop
     (compare_revisions.py's in-process mode: another revision's layer).
+    `rotate`: start each repeat with the next function, so that each takes
+    each place in the loop equally often (the one right after the copy
+    pass runs measurably slower: 7-20 % for the same layer timed twice).
     """
     dtype = tf.as_dtype(dtype_name)
     rng = np.random.RandomState(0)
@@ -173,8 +177,11 @@ def time_case(shape, axis, dtype_name, mode, jit, repeats, warmup, extra_layers=
             fn(x)
     _sync()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for repeat in range(repeats):
+        start_at = repeat % len(names) if rotate else 0
+        for name in names[start_at:] + names[:start_at]:
+            fn = fns[name]
             start = time.perf_counter()
             fn(x)
             _sync()

@@ -11,8 +11,8 @@ the table compares keras_bn's ms and its ratio to Keras, before and after.
     python benchmarks/compare_revisions.py --modes train_step --jit off
 
 With --in-process both revisions' layers run in one process, interleaved
-call by call with Keras's (the before revision's package is copied as
-`keras_bn_before`, its imports renamed): on a machine whose speed drifts
+call by call with Keras's (each revision's package copied as
+`keras_bn_before` / `keras_bn_after`, its imports renamed): on a machine whose speed drifts
 between processes by more than the change being measured (the 2-core
 cloud machines here: +-10 % from one process to the next), this is the
 comparison to trust.
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,21 +106,26 @@ def main(argv=None):
     return rows
 
 
-def _copy_as_before(revision, directory):
-    """`revision`'s keras_bn, unpacked as the package `keras_bn_before`."""
-    archive = subprocess.run(["git", "-C", ROOT, "archive", revision, "keras_bn"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", directory], input=archive, check=True)
-    package = os.path.join(directory, "keras_bn_before")
-    os.rename(os.path.join(directory, "keras_bn"), package)
-    for name in os.listdir(package):
-        if name.endswith(".py"):
-            path = os.path.join(package, name)
+def _copy_package(revision, directory, name):
+    """keras_bn at `revision` (None: the working tree), unpacked in
+    `directory` as the package `name`, its imports renamed."""
+    package = os.path.join(directory, name)
+    if revision is None:
+        shutil.copytree(os.path.join(ROOT, "keras_bn"), package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        archive = subprocess.run(["git", "-C", ROOT, "archive", revision, "keras_bn"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", directory], input=archive, check=True)
+        os.rename(os.path.join(directory, "keras_bn"), package)
+    for file_name in os.listdir(package):
+        if file_name.endswith(".py"):
+            path = os.path.join(package, file_name)
             with open(path) as f:
                 text = f.read()
             # Its own modules, and its own name in Keras's registry.
-            text = re.sub(r"\bfrom keras_bn([. ])", r"from keras_bn_before\1", text)
-            text = text.replace('package="keras_bn"', 'package="keras_bn_before"')
+            text = re.sub(r"\bfrom keras_bn([. ])", rf"from {name}\1", text)
+            text = text.replace('package="keras_bn"', f'package="{name}"')
             with open(path, "w") as f:
                 f.write(text)
 
@@ -128,8 +134,12 @@ def _in_process(args):
     import bench_layers
 
     with tempfile.TemporaryDirectory() as tmp:
-        _copy_as_before(args.before, tmp)
+        # Both as copies: the same code imported as the installed package
+        # and as a copy timed 7-13 % apart here, the copy faster.
+        _copy_package(args.before, tmp, "keras_bn_before")
+        _copy_package(None, tmp, "keras_bn_after")
         sys.path.insert(0, tmp)
+        import keras_bn_after
         import keras_bn_before
 
         rows = []
@@ -145,11 +155,12 @@ def _in_process(args):
                     for mode in args.modes.split(","):
                         t = bench_layers.time_case(
                             shape, axis, dtype_name, mode, jit, args.repeats, 3,
-                            extra_layers={"before": keras_bn_before.BatchNorm})
+                            extra_layers={"before": keras_bn_before.BatchNorm,
+                                          "after": keras_bn_after.BatchNorm}, rotate=True)
                         row = {"case": case, "dtype": dtype_name, "jit_compile": jit,
                                "mode": mode, "before_ms": t["before"] * 1e3,
-                               "after_ms": t["keras_bn"] * 1e3, "keras_ms": t["keras"] * 1e3,
-                               "after_over_before": t["keras_bn"] / t["before"]}
+                               "after_ms": t["after"] * 1e3, "keras_ms": t["keras"] * 1e3,
+                               "after_over_before": t["after"] / t["before"]}
                         rows.append(row)
                         print(f"{case:<26} {dtype_name:<8} {'on' if jit else 'off':<4} "
                               f"{mode:<14} {row['before_ms']:>9.2f} {row['after_ms']:>9.2f} "

@@ -90,8 +90,9 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     axes = [i for i in range(rank) if i not in per_group]
     w = None if weights is None else view(weights)
 
-    def stats_of(xs):
-        """keepdims (count, shift, mean relative to the shift, variance)."""
+    def stats_of(xs, x_view):
+        """keepdims (count, shift, mean relative to the shift, variance) of
+        xs, which is `x_view` in the statistics dtype."""
         if w is not None:
             return ops.weighted_moments(xs, axes, w)
         first_mean, first_variance = ops.staged_moments(xs, axes)
@@ -104,11 +105,15 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
             # Most batches: the first pass is exact, relative mean 0. Where
             # a channel sits far from zero, its first mean's rounding error
             # would add its square to the variance: take them again about it.
+            # The side reads x uncast: a half-precision batch cast to float32
+            # as an operand would be materialized (XLA fuses the cast into
+            # the reductions otherwise).
             mean, variance = one_side.one_side(
                 tf.reduce_any(ops.offset_dominated(first_mean, first_variance)),
-                lambda xs, shift, *_: ops.moments_about(xs, axes, shift),
-                lambda xs, shift, zero, variance: (zero, variance),
-                xs, shift, tf.zeros_like(first_variance), first_variance)
+                lambda x_view, shift, *_: ops.moments_about(
+                    tf.cast(x_view, stat_dtype), axes, shift),
+                lambda x_view, shift, zero, variance: (zero, variance),
+                x_view, shift, tf.zeros_like(first_variance), first_variance)
         count = tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype))
         return count, shift, mean, variance
 
@@ -126,7 +131,7 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     @tf.custom_gradient
     def forward(x, *params):
         xs = view(tf.cast(x, stat_dtype))
-        count, shift, mean, variance = stats_of(xs)
+        count, shift, mean, variance = stats_of(xs, view(x))
         if replica_ctx is None:
             batch_mean = shift + mean
         else:
