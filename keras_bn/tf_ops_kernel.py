@@ -11,6 +11,7 @@ import tensorflow as tf
 from keras_bn import distributed
 from keras_bn import one_side
 from keras_bn import ops
+from keras_bn import private_api
 
 
 def _attached(value, x, vjp):
@@ -92,15 +93,17 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
 
     def stats_of(xs, x_view):
         """keepdims (count, shift, mean relative to the shift, variance) of
-        xs, which is `x_view` in the statistics dtype."""
+        xs, which is `x_view` in the statistics dtype, and whether the
+        relative mean may be nonzero (True, or a scalar bool tensor)."""
         if w is not None:
-            return ops.weighted_moments(xs, axes, w)
+            return (*ops.weighted_moments(xs, axes, w), True)
         first_mean, first_variance = ops.staged_moments(xs, axes)
         shift = tf.stop_gradient(first_mean)
         if replica_ctx is not None:
             # Always (the statistics cross replicas, and an outer tape
             # can't read a merged value through Switch and Merge).
             mean, variance = ops.moments_about(xs, axes, shift)
+            relative = True
         else:
             # Most batches: the first pass is exact, relative mean 0. Where
             # a channel sits far from zero, its first mean's rounding error
@@ -108,14 +111,15 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
             # The side reads x uncast: a half-precision batch cast to float32
             # as an operand would be materialized (XLA fuses the cast into
             # the reductions otherwise).
+            relative = tf.reduce_any(ops.offset_dominated(first_mean, first_variance))
             mean, variance = one_side.one_side(
-                tf.reduce_any(ops.offset_dominated(first_mean, first_variance)),
+                relative,
                 lambda x_view, shift, *_: ops.moments_about(
                     tf.cast(x_view, stat_dtype), axes, shift),
                 lambda x_view, shift, zero, variance: (zero, variance),
                 x_view, shift, tf.zeros_like(first_variance), first_variance)
         count = tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype))
-        return count, shift, mean, variance
+        return count, shift, mean, variance, relative
 
     def broadcast(v):
         return v if v.shape.rank == rank else ops.per_channel(v, rank, channel_axes, sizes)
@@ -131,7 +135,7 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     @tf.custom_gradient
     def forward(x, *params):
         xs = view(tf.cast(x, stat_dtype))
-        count, shift, mean, variance = stats_of(xs, view(x))
+        count, shift, mean, variance, relative = stats_of(xs, view(x))
         if replica_ctx is None:
             batch_mean = shift + mean
         else:
@@ -154,21 +158,28 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
         # The statistics as functions of x, for the backward pass (see
         # `_attached`); each derivative reads the others the same way, so
         # every order is exact.
-        def shifted_of(x):
-            xs_x = _attached(xs, x, lambda g: tf.cast(tf.reshape(g, x_shape), x.dtype))
-            return xs_x - shift
-
-        def mean_of(x):
+        def mean_vjp(g):
             # d mean / dx = w / n, spread over every position that counts.
-            return _attached(mean, x, lambda g: to_x(
-                masked(tf.broadcast_to(total(g) / n, tf.shape(xs)))))
+            return to_x(masked(tf.broadcast_to(total(g) / n, tf.shape(xs))))
+
+        def centered_of(x):
+            # x - mean as (x - shift) - mean, both differences small; the
+            # second only where the relative mean may be nonzero, which in
+            # a graph is a per-call choice (a pass over the batch saved).
+            if relative is True or not _in_plain_graph():
+                value = (xs - shift) - mean
+            else:
+                value = one_side.one_side(
+                    relative, lambda xs, shift, mean: ((xs - shift) - mean,),
+                    lambda xs, shift, _: (xs - shift,), xs, shift, mean)[0]
+            return _attached(value, x, lambda g: to_x(g) - mean_vjp(
+                tf.reduce_sum(g, axes, keepdims=True)))
 
         def inv_of(x):
             def vjp(g):
                 # d inv = -inv^3 / 2 * d var, d var / dx = 2 w (x - mean) / n
                 inv_x = inv_of(x)
-                return to_x(masked(-total(g) * inv_x * inv_x * inv_x / n
-                                   * (shifted_of(x) - mean_of(x))))
+                return to_x(masked(-total(g) * inv_x * inv_x * inv_x / n * centered_of(x)))
             return _attached(inv, x, vjp)
 
         def to_x(t):
@@ -192,14 +203,10 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
 
         def backward(dy, *_):
             dy = view(tf.cast(dy, stat_dtype))
-            inv_x, shifted, mean_x = inv_of(x), shifted_of(x), mean_of(x)
+            inv_x, centered = inv_of(x), centered_of(x)
             scale, _ = affine(inv_x, params)
             sum_dy = ops.staged(tf.reduce_sum, dy, axes)
-            # sum(dy * (x - mean)) from the shifted input, whose distance
-            # to the mean is small: nothing large cancels.
-            # (multiply_no_nan: an empty batch's mean is NaN, its sums 0.)
-            sum_dy_centered = (ops.staged(tf.reduce_sum, dy * shifted, axes)
-                               - tf.math.multiply_no_nan(mean_x, sum_dy))
+            sum_dy_centered = ops.staged(tf.reduce_sum, dy * centered, axes)
             # gamma and beta get this replica's share (the optimizer sums
             # replicas); x sees every replica's outputs through the stats.
             grads = []
@@ -217,11 +224,8 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
                 sums = distributed.all_sum(
                     replica_ctx, tf.stack([sum_dy, sum_dy_centered]))
                 sum_dy, sum_dy_centered = sums[0], sums[1]
-            # scale * (dy - w * (sum_dy / n + (x - mean) * inv^2 *
-            # sum_dy_centered / n)), with x - mean as shifted - mean_x
-            # folded into per-channel factors: as many passes as centring.
-            k = scale * (inv_x * inv_x) * (sum_dy_centered / n)
-            dx = dy * scale - masked(shifted * k + (scale * sum_dy / n - mean_x * k))
+            dx = scale * (dy - masked(
+                sum_dy / n + centered * (inv_x * inv_x) * (sum_dy_centered / n)))
             return (to_x(dx), *grads)
 
         y = tf.cast(tf.reshape(y, x_shape), x.dtype)
@@ -233,6 +237,11 @@ def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
     count, mean, variance = (
         _to_vector(t, per_group, channel_axes, tf.reduce_mean) for t in (count, mean, variance))
     return y, ops.BatchStats(count, mean, variance)
+
+
+def _in_plain_graph():
+    """Tracing a graph outside XLA, where `one_side` is Switch and Merge."""
+    return not tf.executing_eagerly() and not private_api.in_xla_context()
 
 
 def _to_vector(t, per_group, channel_axes, reduce=tf.reduce_sum):
