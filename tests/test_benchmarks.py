@@ -113,3 +113,23 @@ def test_environment_records_onednn_cpu_flags_versions_and_commit(setting, onedn
     assert env["onednn"] is onednn and env["TF_ENABLE_ONEDNN_OPTS"] == setting
     assert isinstance(env["cpu_flags"], list) and env["cpu"]
     assert env["git"] and env["tensorflow"] and env["keras"] and env["keras_bn"]
+
+
+_IN_A_CHECKOUT = shutil.which("git") is not None and os.path.isdir(os.path.join(ROOT, ".git"))
+
+
+@pytest.mark.skipif(not _IN_A_CHECKOUT, reason="compares git revisions: needs git and a checkout")
+def test_in_process_revision_comparison_times_both_copies(tmp_path):
+    # HEAD against the working tree: both revisions' layers are imported as
+    # copies and timed in one loop, each row naming both times.
+    out = tmp_path / "cmp.json"
+    stdout = run_script("compare_revisions.py", "--before", "HEAD", "--in-process",
+                        "--cases", "dense 64x16", "--modes", "train_step", "--jit", "off",
+                        "--dtypes", "float32", "--repeats", "3", "--json", str(out))
+    assert "after/before" in stdout
+    data = json.loads(out.read_text())
+    assert data["in_process"] is True and data["before"] == "HEAD"
+    (row,) = data["rows"]
+    assert row["case"] == "dense 64x16" and row["mode"] == "train_step"
+    assert row["before_ms"] > 0 and row["after_ms"] > 0
+    assert row["after_over_before"] == pytest.approx(row["after_ms"] / row["before_ms"])
