@@ -187,25 +187,26 @@ def adjustment_output(pair, channels, dtype, caller):
 
 
 def fused_conflicts(fused, caller, **options):
-    """fused=True with an option only the TF-ops path computes."""
+    """fused=True with an option only the TF-ops kernel computes (renorm,
+    virtual_batch_size, synchronized, a mask, an adjustment).
+
+    The rule's one home: `BatchNorm`'s constructor, its call (a
+    training-mode mask) and `dispatch.route` (every other way in) ask it.
+    Each option is passed as its name and the value received; None and
+    False mean it is off. A tensor (a mask) is named, not printed.
+    """
     if not fused:
         return
     for name, value in options.items():
-        if value not in (None, False):
-            raise ValueError(
-                f"{caller}: argument `{name}` needs the TF-ops path, but "
-                f"fused=True requires TensorFlow's fused kernel; received "
-                f"{name}={value!r} with fused=True. Pass fused=None (the "
-                "default) or False.")
-
-
-def mask_and_fused(fused, caller):
-    """A training-mode mask needs the TF-ops path."""
-    if fused:
+        # `is`, not `in (None, False)`: that would compare a tensor by value.
+        if value is None or value is False:
+            continue
+        received = f"a {name}" if tf.is_tensor(value) else f"{name}={value!r}"
         raise ValueError(
-            f"{caller}: argument `mask` needs the TF-ops path, but fused=True "
-            "requires TensorFlow's fused kernel; received a mask with "
-            "fused=True. Pass fused=None (the default) or False.")
+            f"{caller}: argument `{name}` needs the TF-ops path, but "
+            f"fused=True requires TensorFlow's fused kernel; received "
+            f"{received} with fused=True. Pass fused=None (the default) or "
+            "False.")
 
 
 def training(value, caller):

@@ -15,6 +15,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from keras_bn import checks
 from keras_bn import conv_fold
 from keras_bn import distributed
 from keras_bn import fused_kernel
@@ -97,7 +98,7 @@ def fused_is_faster(x, axis, training=True):
     return False, f"{where}: {values} values, TF ops below {least}"
 
 
-def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_norm"):
+def route(x, axis, epsilon, *, training, fused=None, features=None, caller="batch_norm"):
     """The kernel for one call, and why.
 
     Args:
@@ -108,9 +109,9 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
             branch has the kernel's epsilon limit).
         fused: the user's choice: None (pick), True (require the kernel),
             False (TF ops).
-        features: names of the options in use that only TF ops compute
-            ("synchronized", "virtual_batch_size", "mask", "renorm",
-            "adjustment").
+        features: the options in use that only TF ops compute, as a dict
+            from name ("synchronized", "virtual_batch_size", "mask",
+            "renorm", "adjustment") to the value received.
         caller: who raises, in an error message.
 
     Raises:
@@ -119,10 +120,7 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
     if fused is False:
         return _by_ops(training, "fused=False")
     if training is not False and features:
-        if fused:
-            raise ValueError(
-                f"{caller}: fused=True, but the kernel computes plain "
-                f"per-replica statistics only; received {', '.join(features)}.")
+        checks.fused_conflicts(fused, caller, **features)
         return Route(TF_OPS, f"{', '.join(features)} needs TF ops")
     unsupported = fused_kernel.unsupported_reason(x, axis, epsilon, training)
     if unsupported is not None:
@@ -179,10 +177,12 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
     """
     replica_ctx = distributed.replica_context()
     synchronize = bool(synchronized) and replica_ctx is not None
-    features = [name for name, on in (
+    # What the user set, as far as it is known here: renorm and an
+    # adjustment arrive already turned into their effect.
+    features = {name: value for name, value in (
         ("synchronized", synchronize), ("virtual_batch_size", virtual_batch_size),
-        ("mask", mask is not None), ("renorm", correction is not None),
-        ("adjustment", adjustment is not None)) if on]
+        ("mask", mask), ("renorm", correction is not None),
+        ("adjustment", adjustment is not None)) if value is not None and value is not False}
     chosen = route(x, axis, epsilon, training=True, fused=fused, features=features,
                    caller=caller)
     if adjustment is not None:

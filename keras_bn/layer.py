@@ -431,7 +431,7 @@ class BatchNorm(keras.layers.Layer):
             if training is False:
                 mask = None  # inference ignores it, as in Keras's layer
             else:
-                checks.mask_and_fused(self.fused, caller)
+                checks.fused_conflicts(self.fused, caller, mask=mask)
         if isinstance(training, bool):
             return self._train(inputs, axis, mask) if training else self._infer(inputs, axis)
         # A symbolic flag: the update happens only inside the training branch.
