@@ -321,8 +321,8 @@ def recalibrate(model, data, steps=None, verbose=1):
         # Renorm layers (ours and Keras's) infer with the moving stddev and
         # derive the variance from it: both must say the same.
         if getattr(layer, "renorm", False):
-            layer.moving_stddev.assign(
-                np.sqrt(variance + layer.epsilon).astype(layer.moving_stddev.dtype))
+            stddev = ops.stddev_of(variance=variance, epsilon=layer.epsilon).numpy()
+            layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
     progbar.update(batches, finalize=True)
     return RecalibrationReport(
         layers=tuple(layer.name for layer in layers),

@@ -511,10 +511,12 @@ class BatchNorm(keras.layers.Layer):
         if self.renorm:
             # Inference follows a moving stddev, as the paper and Keras do;
             # the moving variance is derived from it (never negative).
-            stddev = update(self.moving_stddev, tf.sqrt(variance + self.epsilon))
-            assign(self.moving_variance, tf.nn.relu(tf.square(stddev) - self.epsilon))
+            stddev = update(self.moving_stddev,
+                            ops.stddev_of(variance=variance, epsilon=self.epsilon))
+            assign(self.moving_variance, ops.variance_of(stddev=stddev, epsilon=self.epsilon))
             update(self.renorm_mean, stats.mean, self.renorm_momentum)
-            update(self.renorm_stddev, tf.sqrt(stats.variance + self.epsilon),
+            update(self.renorm_stddev,
+                   ops.stddev_of(variance=stats.variance, epsilon=self.epsilon),
                    self.renorm_momentum)
         else:
             update(self.moving_variance, variance)
@@ -622,7 +624,12 @@ def _vector(weight, dtype):
 
 
 def _sqrt_of(initializer):
-    """An initializer for a standard deviation from one for a variance."""
+    """An initializer for a standard deviation from one for a variance.
+
+    The square root alone, not `ops.stddev_of`: Keras's layer (and
+    tf_keras's) starts its moving stddev so, and weights carry over between
+    them; the first update brings epsilon in.
+    """
     def initialize(shape, dtype=None):
         return tf.sqrt(initializer(shape, dtype=dtype))
     return initialize

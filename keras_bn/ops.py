@@ -1,9 +1,9 @@
 """The math of batch normalization, as pure functions.
 
 Statistics, merging them across parts, the normalization itself, the
-moving-average rule, batch renormalization's correction and the training
-adjustment folded into gamma and beta. Nothing here
-owns a variable or reads the device, the replica or XLA: the kernels
+moving-average rule, batch renormalization's stddev and correction, and
+the training adjustment folded into gamma and beta. Nothing here owns a
+variable or reads the device, the replica or XLA: the kernels
 (`fused_kernel`, `tf_ops_kernel`) and the layer call these, and every
 formula lives here once.
 """
@@ -353,6 +353,19 @@ def kept_unless(accepted, old, new):
     return tf.where(accepted, new, old)
 
 
+def stddev_of(*, variance, epsilon):
+    """sqrt(variance + epsilon): the standard deviation batch norm divides
+    by, which batch renormalization keeps moving averages of."""
+    return tf.sqrt(variance + epsilon)
+
+
+def variance_of(*, stddev, epsilon):
+    """stddev**2 - epsilon, the inverse of `stddev_of`, floored at 0: a
+    moving stddev starts as the square root of the initial variance, without
+    epsilon (Keras's), so its square may lie below epsilon."""
+    return tf.nn.relu(tf.square(stddev) - epsilon)
+
+
 def renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, bounds):
     """Batch renormalization's r and d (Ioffe, 2017, Algorithm 1).
 
@@ -364,7 +377,7 @@ def renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, bound
     """
     epsilon = tf.constant(epsilon, variance.dtype)
     renorm_stddev = tf.maximum(renorm_stddev, tf.sqrt(epsilon))
-    r = tf.sqrt(variance + epsilon) / renorm_stddev
+    r = stddev_of(variance=variance, epsilon=epsilon) / renorm_stddev
     d = (mean - renorm_mean) / renorm_stddev
     if "rmin" in bounds:
         r = tf.maximum(r, bounds["rmin"])
