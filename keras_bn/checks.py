@@ -9,7 +9,10 @@ Each returns the argument in the form the rest of the package uses.
 
 import numbers
 
+import keras
 import tensorflow as tf
+
+from keras_bn import private_api
 
 FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -207,6 +210,23 @@ def fused_conflicts(fused, caller, **options):
             f"fused=True requires TensorFlow's fused kernel; received "
             f"{received} with fused=True. Pass fused=None (the default) or "
             "False.")
+
+
+def graph_model(model, caller):
+    """A keras.Sequential or a functional keras.Model: one whose layer graph
+    is known, for conversion and folding to walk."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{caller}: argument `model` must be a keras.Sequential or a "
+            "functional keras.Model; received an object of type "
+            f"{type(model).__name__}.")
+    if not isinstance(model, keras.Sequential) and not private_api.has_layer_graph(model):
+        raise ValueError(
+            f"{caller}: argument `model` must be a keras.Sequential or a "
+            f"functional keras.Model; received a subclassed model "
+            f"'{model.name}' of type {type(model).__name__}, whose layer graph "
+            "is not known.")
+    return model
 
 
 def training(value, caller):

@@ -265,23 +265,12 @@ def fold_batch_norms(model):
     Returns:
         A new `keras.Model` of the same kind.
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "fold_batch_norms: argument `model` must be a keras.Sequential or "
-            "a functional keras.Model; received an object of type "
-            f"{type(model).__name__}."
-        )
+    checks.graph_model(model, "fold_batch_norms")
     is_sequential = isinstance(model, keras.Sequential)
     if is_sequential and not model.built:
         raise ValueError(
             f"fold_batch_norms: the Sequential model '{model.name}' is not "
             "built; start it with a keras.Input or call it on data first."
-        )
-    if not is_sequential and not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(
-            "fold_batch_norms: argument `model` must be a keras.Sequential or "
-            "a functional keras.Model; received a subclassed model of type "
-            f"{type(model).__name__}, whose layer graph is not known."
         )
     for layer in model.layers:
         if isinstance(layer, BatchNorm) and not isinstance(layer.axis, int):
