@@ -16,9 +16,8 @@ import tensorflow as tf
 
 from keras_bn import ops
 from keras_bn import private_api
+from keras_bn.layer import BATCH_NORM_TYPES
 from keras_bn.layer import BatchNorm
-
-_LAYER_TYPES = (BatchNorm, keras.layers.BatchNormalization)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,7 @@ def _batch_norm_layers(model):
             f"received {type(model).__name__}."
         )
     layers = [layer for layer in private_api.all_layers(model)
-              if isinstance(layer, _LAYER_TYPES)]
+              if isinstance(layer, BATCH_NORM_TYPES)]
     if not layers:
         raise ValueError(
             "recalibrate: argument `model` must contain a keras_bn.BatchNorm "

@@ -204,6 +204,8 @@ def from_keras(model, **overrides):
         )
 
     def convert(layer):
+        # The class itself, not layer.BATCH_NORM_TYPES: a subclass may
+        # compute something else, and a BatchNorm is converted already.
         if type(layer) is not keras.layers.BatchNormalization:
             return None
         return BatchNorm(**{**_layer_arguments(layer), **overrides})
@@ -313,6 +315,8 @@ def to_keras(model):
     """
 
     def convert(layer):
+        # Exactly BatchNorm, as from_keras takes exactly Keras's class: a
+        # subclass may compute something Keras's layer doesn't.
         if type(layer) is BatchNorm:
             _check_options(layer)
             arguments = _layer_arguments(layer)

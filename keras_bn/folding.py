@@ -17,9 +17,9 @@ import tensorflow as tf
 from keras_bn import checks
 from keras_bn import ops
 from keras_bn import private_api
+from keras_bn.layer import BATCH_NORM_TYPES
 from keras_bn.layer import BatchNorm
 
-_BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 # Exact types, not subclasses: a subclass may give its kernel another meaning.
 _FOLDABLE = (
     keras.layers.Dense,
@@ -167,7 +167,7 @@ def _plan(model):
     folds = {}
     for node in nodes:
         bn = node.operation
-        if not isinstance(bn, _BATCH_NORMS) or calls[id(bn)] != 1:
+        if not isinstance(bn, BATCH_NORM_TYPES) or calls[id(bn)] != 1:
             continue
         if len(node.input_tensors) != 1:
             continue
@@ -195,7 +195,7 @@ class _Folder:
             return fold_batch_norms(layer)
         if id(layer) in self.folded:
             return layer  # a marker: `call` passes its input through
-        if isinstance(layer, _BATCH_NORMS):
+        if isinstance(layer, BATCH_NORM_TYPES):
             clone = ChannelAffine(
                 axis=layer.axis, name=layer.name, dtype=layer.dtype_policy
             )

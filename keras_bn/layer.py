@@ -616,6 +616,12 @@ class BatchNorm(keras.layers.Layer):
         return super().from_config(config)
 
 
+# The layers the model-wide functions (recalibrate, fold_batch_norms,
+# to_torch_state_dict) treat as batch norms: ours and Keras's, subclasses
+# included. Conversion between the two matches exact classes instead.
+BATCH_NORM_TYPES = (BatchNorm, keras.layers.BatchNormalization)
+
+
 def _vector(weight, dtype):
     """A weight in `dtype` as the (C,) vector the kernels take: a multi-axis
     layer's (d1, d2, ...) weights run row-major over its axes."""
