@@ -159,7 +159,7 @@ def _by_ops(training, reason):
     return Route(TF_OPS, reason)
 
 
-def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
+def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
           virtual_batch_size=None, mask=None, correction=None, adjustment=None,
           caller="batch_norm"):
     """Training-mode normalization with batch statistics; no moving update.
@@ -186,12 +186,14 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
     chosen = route(x, axis, epsilon, training=True, fused=fused, features=features,
                    caller=caller)
     if adjustment is not None:
-        gamma, beta = ops.adjusted_gamma_and_beta(gamma, beta, *adjustment)
+        adjust_scale, adjust_bias = adjustment
+        gamma, beta = ops.adjusted_gamma_and_beta(
+            gamma=gamma, beta=beta, adjust_scale=adjust_scale, adjust_bias=adjust_bias)
     if chosen.kernel == FUSED:
-        y, stats = fused_kernel.train(x, gamma, beta, epsilon, axis)
+        y, stats = fused_kernel.train(x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis)
     else:
         y, stats = tf_ops_kernel.train(
-            x, gamma, beta, epsilon, axis,
+            x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis,
             replica_ctx=replica_ctx if synchronize else None,
             virtual_batch_size=virtual_batch_size, mask=mask,
             correction=correction)
@@ -205,16 +207,17 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
     return y, stats
 
 
-def infer(x, mean, variance, gamma, beta, *, epsilon, axis, fused=None,
+def infer(x, *, mean, variance, gamma, beta, epsilon, axis, fused=None,
           caller="batch_norm"):
     """Inference-mode normalization with the given (C,) statistics."""
     kernel = route(x, axis, epsilon, training=False, fused=fused, caller=caller).kernel
+    params = dict(mean=mean, variance=variance, gamma=gamma, beta=beta, epsilon=epsilon)
     if kernel == FUSED:
-        return fused_kernel.infer(x, gamma, beta, mean, variance, epsilon, axis)
+        return fused_kernel.infer(x, **params, axis=axis)
     if kernel == DEPTHWISE_FOLD:
-        return conv_fold.into_depthwise(x, mean, variance, gamma, beta, epsilon, axis)
+        return conv_fold.into_depthwise(x, **params, axis=axis)
     if kernel == FOLDABLE:
-        a, b = ops.scale_and_offset(mean, variance, gamma, beta, epsilon)
-        return ops.affine(x, a, b, axis)
-    return ops.normalize(x, mean, variance, gamma, beta, epsilon, axis)
+        a, b = ops.scale_and_offset(**params)
+        return ops.affine(x, a=a, b=b, axis=axis)
+    return ops.normalize(x, **params, axis=axis)
 

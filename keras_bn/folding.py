@@ -80,7 +80,8 @@ class ChannelAffine(keras.layers.Layer):
         x = tf.convert_to_tensor(inputs)
         axis = checks.channel_axis(x.shape.rank, self.axis, self._caller)
         dtype = ops.statistics_dtype(x.dtype)
-        return ops.affine(x, tf.cast(self.scale, dtype), tf.cast(self.offset, dtype), axis)
+        return ops.affine(x, a=tf.cast(self.scale, dtype), b=tf.cast(self.offset, dtype),
+                          axis=axis)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -103,7 +104,8 @@ def _inference_map(bn):
         None if v is None else tf.constant(_numpy64(v))
         for v in (bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta)
     )
-    a, b = ops.scale_and_offset(mean, variance, gamma, beta, bn.epsilon)
+    a, b = ops.scale_and_offset(mean=mean, variance=variance, gamma=gamma, beta=beta,
+                                epsilon=bn.epsilon)
     return a.numpy(), b.numpy()
 
 

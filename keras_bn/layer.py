@@ -460,7 +460,7 @@ class BatchNorm(keras.layers.Layer):
             adjustment = checks.adjustment_output(
                 self.adjustment(tf.shape(inputs)), self._channels, dtype, self._caller)
         y, stats = dispatch.train(
-            inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
+            inputs, gamma=gamma, beta=beta, epsilon=self.epsilon, axis=axis,
             fused=self.fused, synchronized=self.synchronized,
             virtual_batch_size=self.virtual_batch_size, mask=mask,
             correction=self._renorm_correction(dtype) if self.renorm else None,
@@ -477,13 +477,13 @@ class BatchNorm(keras.layers.Layer):
         if not self.track_running_stats:
             # PyTorch's track_running_stats=False: batch statistics always.
             return dispatch.train(
-                inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
+                inputs, gamma=gamma, beta=beta, epsilon=self.epsilon, axis=axis,
                 fused=self.fused, synchronized=self.synchronized,
                 caller=self._caller)[0]
         return dispatch.infer(
-            inputs, _vector(self.moving_mean, dtype), _vector(self.moving_variance, dtype),
-            gamma, beta, epsilon=self.epsilon, axis=axis, fused=self.fused,
-            caller=self._caller)
+            inputs, mean=_vector(self.moving_mean, dtype),
+            variance=_vector(self.moving_variance, dtype), gamma=gamma, beta=beta,
+            epsilon=self.epsilon, axis=axis, fused=self.fused, caller=self._caller)
 
     def _update_statistics(self, stats):
         momentum = self.momentum
@@ -543,8 +543,8 @@ class BatchNorm(keras.layers.Layer):
 
         def correction(mean, variance, broadcast):
             return ops.renorm_correction(
-                mean, variance, broadcast(renorm_mean), broadcast(renorm_stddev),
-                self.epsilon, bounds)
+                mean=mean, variance=variance, renorm_mean=broadcast(renorm_mean),
+                renorm_stddev=broadcast(renorm_stddev), epsilon=self.epsilon, bounds=bounds)
 
         return correction
 
