@@ -5,15 +5,6 @@
 
 import os as _os
 
-# Keras picks its backend once, at first import; this package is built on
-# TensorFlow's ops, so a different backend is an error, not a silent mix.
-if _os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-    raise ImportError(
-        "keras_bn needs the TensorFlow backend of Keras; received "
-        f"KERAS_BACKEND={_os.environ['KERAS_BACKEND']!r}. Unset it or set "
-        "KERAS_BACKEND=tensorflow."
-    )
-
 try:
     import tensorflow as _tf  # noqa: F401
 except ImportError as _error:  # pragma: no cover - depends on the install
@@ -24,6 +15,40 @@ except ImportError as _error:  # pragma: no cover - depends on the install
         "GPUs). In a clone of keras_bn, `pip install -e '.[cpu]'` installs "
         "it with the package."
     ) from _error
+
+
+def _not_tensorflow(backend, failure=None):
+    """The error for a Keras backend other than TensorFlow's, naming what
+    chose it: KERAS_BACKEND where set, else keras.json (Keras's order).
+    `backend` is None where Keras failed to start it (`failure`)."""
+    chosen = _os.environ.get("KERAS_BACKEND")
+    if chosen:
+        received = (f"KERAS_BACKEND={chosen!r}. Unset it or set "
+                    "KERAS_BACKEND=tensorflow.")
+    else:
+        named = ("another backend" if backend is None
+                 else f'"backend": "{backend}"')
+        failed = "" if failure is None else f", which Keras failed to start ({failure})"
+        received = (f"{named} in keras.json (under KERAS_HOME, ~/.keras by "
+                    f'default){failed}. Set "backend": "tensorflow" there, or '
+                    "KERAS_BACKEND=tensorflow.")
+    return ImportError(
+        f"keras_bn needs the TensorFlow backend of Keras; received {received}")
+
+
+# Keras picks its backend once, at its first import; this package is built
+# on TensorFlow's ops, so another backend is an error, not a silent mix.
+try:
+    import keras as _keras
+except ModuleNotFoundError as _error:
+    # Keras imports its backend's packages first. The TensorFlow backend
+    # needs none of these, so without one of them another backend was asked
+    # for, and failed before Keras could say which.
+    if _error.name not in ("jax", "torch", "openvino"):
+        raise
+    raise _not_tensorflow(None, _error) from _error
+if _keras.config.backend() != "tensorflow":
+    raise _not_tensorflow(_keras.config.backend())
 
 from keras_bn.calibration import RecalibrationReport
 from keras_bn.calibration import recalibrate

@@ -16,9 +16,8 @@ import tensorflow as tf
 
 from keras_bn import ops
 from keras_bn import private_api
+from keras_bn.layer import BATCH_NORM_TYPES
 from keras_bn.layer import BatchNorm
-
-_LAYER_TYPES = (BatchNorm, keras.layers.BatchNormalization)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,7 @@ def _batch_norm_layers(model):
             f"received {type(model).__name__}."
         )
     layers = [layer for layer in private_api.all_layers(model)
-              if isinstance(layer, _LAYER_TYPES)]
+              if isinstance(layer, BATCH_NORM_TYPES)]
     if not layers:
         raise ValueError(
             "recalibrate: argument `model` must contain a keras_bn.BatchNorm "
@@ -321,8 +320,8 @@ def recalibrate(model, data, steps=None, verbose=1):
         # Renorm layers (ours and Keras's) infer with the moving stddev and
         # derive the variance from it: both must say the same.
         if getattr(layer, "renorm", False):
-            layer.moving_stddev.assign(
-                np.sqrt(variance + layer.epsilon).astype(layer.moving_stddev.dtype))
+            stddev = ops.stddev_of(variance=variance, epsilon=layer.epsilon).numpy()
+            layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
     progbar.update(batches, finalize=True)
     return RecalibrationReport(
         layers=tuple(layer.name for layer in layers),

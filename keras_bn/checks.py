@@ -9,7 +9,10 @@ Each returns the argument in the form the rest of the package uses.
 
 import numbers
 
+import keras
 import tensorflow as tf
+
+from keras_bn import private_api
 
 FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -187,25 +190,43 @@ def adjustment_output(pair, channels, dtype, caller):
 
 
 def fused_conflicts(fused, caller, **options):
-    """fused=True with an option only the TF-ops path computes."""
+    """fused=True with an option only the TF-ops kernel computes (renorm,
+    virtual_batch_size, synchronized, a mask, an adjustment).
+
+    The rule's one home: `BatchNorm`'s constructor, its call (a
+    training-mode mask) and `dispatch.route` (every other way in) ask it.
+    Each option is passed as its name and the value received; None and
+    False mean it is off. A tensor (a mask) is named, not printed.
+    """
     if not fused:
         return
     for name, value in options.items():
-        if value not in (None, False):
-            raise ValueError(
-                f"{caller}: argument `{name}` needs the TF-ops path, but "
-                f"fused=True requires TensorFlow's fused kernel; received "
-                f"{name}={value!r} with fused=True. Pass fused=None (the "
-                "default) or False.")
-
-
-def mask_and_fused(fused, caller):
-    """A training-mode mask needs the TF-ops path."""
-    if fused:
+        # `is`, not `in (None, False)`: that would compare a tensor by value.
+        if value is None or value is False:
+            continue
+        received = f"a {name}" if tf.is_tensor(value) else f"{name}={value!r}"
         raise ValueError(
-            f"{caller}: argument `mask` needs the TF-ops path, but fused=True "
-            "requires TensorFlow's fused kernel; received a mask with "
-            "fused=True. Pass fused=None (the default) or False.")
+            f"{caller}: argument `{name}` needs the TF-ops path, but "
+            f"fused=True requires TensorFlow's fused kernel; received "
+            f"{received} with fused=True. Pass fused=None (the default) or "
+            "False.")
+
+
+def graph_model(model, caller):
+    """A keras.Sequential or a functional keras.Model: one whose layer graph
+    is known, for conversion and folding to walk."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{caller}: argument `model` must be a keras.Sequential or a "
+            "functional keras.Model; received an object of type "
+            f"{type(model).__name__}.")
+    if not isinstance(model, keras.Sequential) and not private_api.has_layer_graph(model):
+        raise ValueError(
+            f"{caller}: argument `model` must be a keras.Sequential or a "
+            f"functional keras.Model; received a subclassed model "
+            f"'{model.name}' of type {type(model).__name__}, whose layer graph "
+            "is not known.")
+    return model
 
 
 def training(value, caller):

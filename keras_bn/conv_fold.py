@@ -52,7 +52,7 @@ def _zero_with_gradient(t):
     return t - tf.stop_gradient(t)
 
 
-def bias_absorbed(x, gamma, beta, mean, variance, epsilon, data_format):
+def bias_absorbed(x, *, mean, variance, gamma, beta, epsilon, data_format):
     """(input, beta, mean) for the fused kernel: a Conv2D's output without
     its bias, the bias inside the mean; otherwise the arguments unchanged.
 
@@ -65,7 +65,8 @@ def bias_absorbed(x, gamma, beta, mean, variance, epsilon, data_format):
         return x, beta, mean
     bias = tf.cast(found[1], mean.dtype)
     return (found[0].outputs[0],
-            beta + _zero_with_gradient(bias) * ops.scale(variance, gamma, epsilon),
+            beta + _zero_with_gradient(bias) * ops.scale(
+                variance=variance, gamma=gamma, epsilon=epsilon),
             mean - tf.stop_gradient(bias))
 
 
@@ -87,7 +88,7 @@ def joins(x, axis):
     return found[0].type
 
 
-def into_depthwise(x, mean, variance, gamma, beta, epsilon, axis):
+def into_depthwise(x, *, mean, variance, gamma, beta, epsilon, axis):
     """Inference batch norm of a depthwise convolution's output, as that
     convolution with a scaled filter plus a bias; y in x's dtype.
 
@@ -100,7 +101,8 @@ def into_depthwise(x, mean, variance, gamma, beta, epsilon, axis):
         # offset their difference is exact; beta - mean * a + bias * a
         # would round both products at the offset's magnitude.
         mean = mean - tf.cast(bias, mean.dtype)
-    a, b = ops.scale_and_offset(mean, variance, gamma, beta, epsilon)
+    a, b = ops.scale_and_offset(mean=mean, variance=variance, gamma=gamma, beta=beta,
+                                epsilon=epsilon)
     inputs, kernel = conv.inputs
     # The filter's channel multiplier m: output channel c * m + k comes from
     # input channel c, so a's [C * m] values reshape to [C, m].

@@ -14,6 +14,7 @@ import inspect
 
 import keras
 
+from keras_bn import checks
 from keras_bn import private_api
 from keras_bn.layer import BatchNorm
 
@@ -70,24 +71,6 @@ def _layer_arguments(layer):
     return arguments
 
 
-def _check_model(model, caller):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"{caller}: argument `model` must be a keras.Sequential or a "
-            "functional keras.Model; received an object of type "
-            f"{type(model).__name__}."
-        )
-    if not isinstance(model, keras.Sequential) and not hasattr(
-        model, "_nodes_by_depth"
-    ):
-        raise ValueError(
-            f"{caller}: argument `model` must be a keras.Sequential or a "
-            "functional keras.Model; received a subclassed model "
-            f"'{model.name}' of type {type(model).__name__}, whose layer "
-            "graph is not known."
-        )
-
-
 def _new_inputs(model):
     """Fresh inputs like a functional model's, under their layers' names.
 
@@ -133,7 +116,7 @@ class _Converter:
         return clone
 
     def clone_model(self, model):
-        _check_model(model, self.caller)
+        checks.graph_model(model, self.caller)
         if self.check is not None:
             self.check(model)
         if isinstance(model, keras.Sequential):
@@ -221,6 +204,8 @@ def from_keras(model, **overrides):
         )
 
     def convert(layer):
+        # The class itself, not layer.BATCH_NORM_TYPES: a subclass may
+        # compute something else, and a BatchNorm is converted already.
         if type(layer) is not keras.layers.BatchNormalization:
             return None
         return BatchNorm(**{**_layer_arguments(layer), **overrides})
@@ -330,6 +315,8 @@ def to_keras(model):
     """
 
     def convert(layer):
+        # Exactly BatchNorm, as from_keras takes exactly Keras's class: a
+        # subclass may compute something Keras's layer doesn't.
         if type(layer) is BatchNorm:
             _check_options(layer)
             arguments = _layer_arguments(layer)

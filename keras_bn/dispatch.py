@@ -15,6 +15,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from keras_bn import checks
 from keras_bn import conv_fold
 from keras_bn import distributed
 from keras_bn import fused_kernel
@@ -97,7 +98,7 @@ def fused_is_faster(x, axis, training=True):
     return False, f"{where}: {values} values, TF ops below {least}"
 
 
-def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_norm"):
+def route(x, axis, epsilon, *, training, fused=None, features=None, caller="batch_norm"):
     """The kernel for one call, and why.
 
     Args:
@@ -108,9 +109,9 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
             branch has the kernel's epsilon limit).
         fused: the user's choice: None (pick), True (require the kernel),
             False (TF ops).
-        features: names of the options in use that only TF ops compute
-            ("synchronized", "virtual_batch_size", "mask", "renorm",
-            "adjustment").
+        features: the options in use that only TF ops compute, as a dict
+            from name ("synchronized", "virtual_batch_size", "mask",
+            "renorm", "adjustment") to the value received.
         caller: who raises, in an error message.
 
     Raises:
@@ -119,10 +120,7 @@ def route(x, axis, epsilon, *, training, fused=None, features=(), caller="batch_
     if fused is False:
         return _by_ops(training, "fused=False")
     if training is not False and features:
-        if fused:
-            raise ValueError(
-                f"{caller}: fused=True, but the kernel computes plain "
-                f"per-replica statistics only; received {', '.join(features)}.")
+        checks.fused_conflicts(fused, caller, **features)
         return Route(TF_OPS, f"{', '.join(features)} needs TF ops")
     unsupported = fused_kernel.unsupported_reason(x, axis, epsilon, training)
     if unsupported is not None:
@@ -161,7 +159,7 @@ def _by_ops(training, reason):
     return Route(TF_OPS, reason)
 
 
-def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
+def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
           virtual_batch_size=None, mask=None, correction=None, adjustment=None,
           caller="batch_norm"):
     """Training-mode normalization with batch statistics; no moving update.
@@ -179,19 +177,23 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
     """
     replica_ctx = distributed.replica_context()
     synchronize = bool(synchronized) and replica_ctx is not None
-    features = [name for name, on in (
+    # What the user set, as far as it is known here: renorm and an
+    # adjustment arrive already turned into their effect.
+    features = {name: value for name, value in (
         ("synchronized", synchronize), ("virtual_batch_size", virtual_batch_size),
-        ("mask", mask is not None), ("renorm", correction is not None),
-        ("adjustment", adjustment is not None)) if on]
+        ("mask", mask), ("renorm", correction is not None),
+        ("adjustment", adjustment is not None)) if value is not None and value is not False}
     chosen = route(x, axis, epsilon, training=True, fused=fused, features=features,
                    caller=caller)
     if adjustment is not None:
-        gamma, beta = ops.adjusted_gamma_and_beta(gamma, beta, *adjustment)
+        adjust_scale, adjust_bias = adjustment
+        gamma, beta = ops.adjusted_gamma_and_beta(
+            gamma=gamma, beta=beta, adjust_scale=adjust_scale, adjust_bias=adjust_bias)
     if chosen.kernel == FUSED:
-        y, stats = fused_kernel.train(x, gamma, beta, epsilon, axis)
+        y, stats = fused_kernel.train(x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis)
     else:
         y, stats = tf_ops_kernel.train(
-            x, gamma, beta, epsilon, axis,
+            x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis,
             replica_ctx=replica_ctx if synchronize else None,
             virtual_batch_size=virtual_batch_size, mask=mask,
             correction=correction)
@@ -205,16 +207,17 @@ def train(x, gamma, beta, *, epsilon, axis, fused=None, synchronized=False,
     return y, stats
 
 
-def infer(x, mean, variance, gamma, beta, *, epsilon, axis, fused=None,
+def infer(x, *, mean, variance, gamma, beta, epsilon, axis, fused=None,
           caller="batch_norm"):
     """Inference-mode normalization with the given (C,) statistics."""
     kernel = route(x, axis, epsilon, training=False, fused=fused, caller=caller).kernel
+    params = dict(mean=mean, variance=variance, gamma=gamma, beta=beta, epsilon=epsilon)
     if kernel == FUSED:
-        return fused_kernel.infer(x, gamma, beta, mean, variance, epsilon, axis)
+        return fused_kernel.infer(x, **params, axis=axis)
     if kernel == DEPTHWISE_FOLD:
-        return conv_fold.into_depthwise(x, mean, variance, gamma, beta, epsilon, axis)
+        return conv_fold.into_depthwise(x, **params, axis=axis)
     if kernel == FOLDABLE:
-        a, b = ops.scale_and_offset(mean, variance, gamma, beta, epsilon)
-        return ops.affine(x, a, b, axis)
-    return ops.normalize(x, mean, variance, gamma, beta, epsilon, axis)
+        a, b = ops.scale_and_offset(**params)
+        return ops.affine(x, a=a, b=b, axis=axis)
+    return ops.normalize(x, **params, axis=axis)
 

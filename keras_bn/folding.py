@@ -17,9 +17,9 @@ import tensorflow as tf
 from keras_bn import checks
 from keras_bn import ops
 from keras_bn import private_api
+from keras_bn.layer import BATCH_NORM_TYPES
 from keras_bn.layer import BatchNorm
 
-_BATCH_NORMS = (BatchNorm, keras.layers.BatchNormalization)
 # Exact types, not subclasses: a subclass may give its kernel another meaning.
 _FOLDABLE = (
     keras.layers.Dense,
@@ -80,7 +80,8 @@ class ChannelAffine(keras.layers.Layer):
         x = tf.convert_to_tensor(inputs)
         axis = checks.channel_axis(x.shape.rank, self.axis, self._caller)
         dtype = ops.statistics_dtype(x.dtype)
-        return ops.affine(x, tf.cast(self.scale, dtype), tf.cast(self.offset, dtype), axis)
+        return ops.affine(x, a=tf.cast(self.scale, dtype), b=tf.cast(self.offset, dtype),
+                          axis=axis)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -103,7 +104,8 @@ def _inference_map(bn):
         None if v is None else tf.constant(_numpy64(v))
         for v in (bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta)
     )
-    a, b = ops.scale_and_offset(mean, variance, gamma, beta, bn.epsilon)
+    a, b = ops.scale_and_offset(mean=mean, variance=variance, gamma=gamma, beta=beta,
+                                epsilon=bn.epsilon)
     return a.numpy(), b.numpy()
 
 
@@ -167,7 +169,7 @@ def _plan(model):
     folds = {}
     for node in nodes:
         bn = node.operation
-        if not isinstance(bn, _BATCH_NORMS) or calls[id(bn)] != 1:
+        if not isinstance(bn, BATCH_NORM_TYPES) or calls[id(bn)] != 1:
             continue
         if len(node.input_tensors) != 1:
             continue
@@ -195,7 +197,7 @@ class _Folder:
             return fold_batch_norms(layer)
         if id(layer) in self.folded:
             return layer  # a marker: `call` passes its input through
-        if isinstance(layer, _BATCH_NORMS):
+        if isinstance(layer, BATCH_NORM_TYPES):
             clone = ChannelAffine(
                 axis=layer.axis, name=layer.name, dtype=layer.dtype_policy
             )
@@ -265,23 +267,12 @@ def fold_batch_norms(model):
     Returns:
         A new `keras.Model` of the same kind.
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "fold_batch_norms: argument `model` must be a keras.Sequential or "
-            "a functional keras.Model; received an object of type "
-            f"{type(model).__name__}."
-        )
+    checks.graph_model(model, "fold_batch_norms")
     is_sequential = isinstance(model, keras.Sequential)
     if is_sequential and not model.built:
         raise ValueError(
             f"fold_batch_norms: the Sequential model '{model.name}' is not "
             "built; start it with a keras.Input or call it on data first."
-        )
-    if not is_sequential and not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(
-            "fold_batch_norms: argument `model` must be a keras.Sequential or "
-            "a functional keras.Model; received a subclassed model of type "
-            f"{type(model).__name__}, whose layer graph is not known."
         )
     for layer in model.layers:
         if isinstance(layer, BatchNorm) and not isinstance(layer.axis, int):

@@ -94,7 +94,7 @@ def batch_norm(
 
     def train():
         y, stats = dispatch.train(
-            x, gamma, beta, epsilon=epsilon, axis=axis, fused=fused,
+            x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis, fused=fused,
             synchronized=synchronized)
         if not isinstance(axis, int):
             stats = ops.BatchStats(*(tf.reshape(t, shape) for t in stats))
@@ -111,7 +111,7 @@ def batch_norm(
         mean, variance = moving_mean, moving_variance
         if not isinstance(axis, int):
             mean, variance = tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
-        y = dispatch.infer(x, mean, variance, gamma, beta,
+        y = dispatch.infer(x, mean=mean, variance=variance, gamma=gamma, beta=beta,
                            epsilon=epsilon, axis=axis, fused=fused)
         return y, moving_mean, moving_variance
 

@@ -92,7 +92,7 @@ def _kernel_view(x, axis):
     return tf.reshape(x, [before, channels, -1, 1]), "NCHW"
 
 
-def _filled(gamma, beta, view, data_format):
+def _filled(view, data_format, *, gamma, beta):
     """gamma and beta, ones and zeros where absent: the kernel needs both."""
     if gamma is not None and beta is not None:
         return gamma, beta
@@ -117,7 +117,7 @@ def _channel_axis(data_format):
     return 1 if data_format == "NCHW" else 3
 
 
-def _kernel(view, gamma, beta, epsilon, data_format):
+def _kernel(view, *, gamma, beta, epsilon, data_format):
     empty = tf.zeros([0], tf.float32)  # no running statistics in training
     return tf.raw_ops.FusedBatchNormV3(
         x=view, scale=gamma, offset=beta, mean=empty, variance=empty,
@@ -125,7 +125,7 @@ def _kernel(view, gamma, beta, epsilon, data_format):
         data_format=data_format, is_training=True)
 
 
-def _sample_shift(view, gamma, beta, epsilon, data_format):
+def _sample_shift(view, *, gamma, beta, epsilon, data_format):
     """Per channel, float32: the shift the kernel's input gets (0 for most).
 
     The mean of the batch's first rows (at least SHIFT_SAMPLE values per
@@ -143,7 +143,8 @@ def _sample_shift(view, gamma, beta, epsilon, data_format):
     else:
         per_row = max(1, per_row[0] * per_row[1])
         rows = -(-SHIFT_SAMPLE // per_row)
-    sample = _kernel(view[:rows], gamma, beta, epsilon, data_format)
+    sample = _kernel(view[:rows], gamma=gamma, beta=beta, epsilon=epsilon,
+                     data_format=data_format)
     mean = sample.batch_mean
     # Ten of the sample's standard deviations: a hundred times below the
     # ratio where the kernel starts to lose accuracy, so that a sample that
@@ -173,7 +174,7 @@ def _shifted_if_needed(view, shift, channel_axis):
         view, shift)[0]
 
 
-def _kernel_gradient(dy, view, gamma, seen, out, shift, epsilon, data_format):
+def _kernel_gradient(dy, view, seen, out, *, gamma, shift, epsilon, data_format):
     """The kernel's gradient (dx, dgamma, dbeta) from the data it saw.
 
     A custom gradient itself: `seen` may come out of a Merge, so the second
@@ -204,7 +205,7 @@ def _kernel_gradient(dy, view, gamma, seen, out, shift, epsilon, data_format):
     return first_order(dy, view, gamma)
 
 
-def train(x, gamma, beta, epsilon, axis):
+def train(x, *, gamma, beta, epsilon, axis):
     """Training-mode batch norm by the fused kernel.
 
     On a CPU the kernel sees the batch shifted per channel towards its
@@ -222,24 +223,27 @@ def train(x, gamma, beta, epsilon, axis):
         (y, BatchStats); y in x's dtype, per-channel float32 statistics.
     """
     view, data_format = _kernel_view(x, axis)
-    gamma, beta = _filled(gamma, beta, view, data_format)
+    gamma, beta = _filled(view, data_format, gamma=gamma, beta=beta)
     channel_axis = _channel_axis(data_format)
     if gpu_visible():
-        out = _kernel(view, gamma, beta, epsilon, data_format)
+        out = _kernel(view, gamma=gamma, beta=beta, epsilon=epsilon, data_format=data_format)
         y, mean, variance = out.y, out.batch_mean, out.batch_variance
     else:
         # The shift in the input's dtype is what is subtracted, and what is
         # added back. Subtracting it from values near it is exact in any
         # precision (Sterbenz); unshifted channels subtract zero.
-        shift = tf.cast(_sample_shift(view, gamma, beta, epsilon, data_format), view.dtype)
+        shift = tf.cast(_sample_shift(view, gamma=gamma, beta=beta, epsilon=epsilon,
+                                      data_format=data_format), view.dtype)
 
         @tf.custom_gradient
         def normalize(view, gamma, beta):
             seen = _shifted_if_needed(view, shift, channel_axis)
-            out = _kernel(seen, gamma, beta, epsilon, data_format)
+            out = _kernel(seen, gamma=gamma, beta=beta, epsilon=epsilon,
+                          data_format=data_format)
 
             def backward(dy, *_):
-                return _kernel_gradient(dy, view, gamma, seen, out, shift, epsilon, data_format)
+                return _kernel_gradient(dy, view, seen, out, gamma=gamma, shift=shift,
+                                        epsilon=epsilon, data_format=data_format)
 
             mean = out.batch_mean + tf.cast(shift, tf.float32)
             return (out.y, mean, out.batch_variance), backward
@@ -258,26 +262,28 @@ def train(x, gamma, beta, epsilon, axis):
     return (y if view is x else tf.reshape(y, tf.shape(x))), ops.BatchStats(count, mean, variance)
 
 
-def infer(x, gamma, beta, mean, variance, epsilon, axis):
+def infer(x, *, mean, variance, gamma, beta, epsilon, axis):
     """Inference-mode batch norm by the fused kernel; y in x's dtype."""
     view, data_format = _kernel_view(x, axis)
-    gamma, beta = _filled(gamma, beta, view, data_format)
+    gamma, beta = _filled(view, data_format, gamma=gamma, beta=beta)
     if epsilon < min_epsilon():
         # Same result, epsilon within cuDNN's limit: the kernel adds its
         # epsilon to the variance we hand it, so hand it the difference.
         variance = variance + (epsilon - min_epsilon())
         epsilon = min_epsilon()
     if view is not x:
-        return tf.reshape(_infer_kernel(view, gamma, beta, mean, variance, epsilon,
-                                        data_format), tf.shape(x))
+        return tf.reshape(_infer_kernel(view, mean=mean, variance=variance, gamma=gamma,
+                                        beta=beta, epsilon=epsilon, data_format=data_format),
+                          tf.shape(x))
     # No Shape/Reshape pair around a 4-D input: converters fold the bare
     # kernel into a preceding convolution, and would not fold through them.
-    x, beta, mean = conv_fold.bias_absorbed(x, gamma, beta, mean, variance, epsilon,
-                                            data_format)
-    return _infer_kernel(x, gamma, beta, mean, variance, epsilon, data_format)
+    x, beta, mean = conv_fold.bias_absorbed(x, mean=mean, variance=variance, gamma=gamma,
+                                            beta=beta, epsilon=epsilon, data_format=data_format)
+    return _infer_kernel(x, mean=mean, variance=variance, gamma=gamma, beta=beta,
+                         epsilon=epsilon, data_format=data_format)
 
 
-def _infer_kernel(view, gamma, beta, mean, variance, epsilon, data_format):
+def _infer_kernel(view, *, mean, variance, gamma, beta, epsilon, data_format):
     return tf.raw_ops.FusedBatchNormV3(
         x=view, scale=gamma, offset=beta, mean=mean, variance=variance,
         epsilon=epsilon, exponential_avg_factor=1.0,

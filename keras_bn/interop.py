@@ -21,10 +21,10 @@ of torch tensors. The conventions that differ:
 
 import collections.abc
 
-import keras
 import numpy as np
 
 from keras_bn import checks
+from keras_bn.layer import BATCH_NORM_TYPES
 from keras_bn.layer import BatchNorm
 
 _KEYS = (
@@ -239,7 +239,7 @@ def to_torch_state_dict(layer, num_batches_tracked=None, as_numpy=False):
         first two for a layer with `track_running_stats=False`, for a
         module built with that option.
     """
-    if not isinstance(layer, (BatchNorm, keras.layers.BatchNormalization)):
+    if not isinstance(layer, BATCH_NORM_TYPES):
         raise TypeError(
             "to_torch_state_dict: argument `layer` must be a "
             "keras_bn.BatchNorm or keras.layers.BatchNormalization; "

@@ -431,7 +431,7 @@ class BatchNorm(keras.layers.Layer):
             if training is False:
                 mask = None  # inference ignores it, as in Keras's layer
             else:
-                checks.mask_and_fused(self.fused, caller)
+                checks.fused_conflicts(self.fused, caller, mask=mask)
         if isinstance(training, bool):
             return self._train(inputs, axis, mask) if training else self._infer(inputs, axis)
         # A symbolic flag: the update happens only inside the training branch.
@@ -460,7 +460,7 @@ class BatchNorm(keras.layers.Layer):
             adjustment = checks.adjustment_output(
                 self.adjustment(tf.shape(inputs)), self._channels, dtype, self._caller)
         y, stats = dispatch.train(
-            inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
+            inputs, gamma=gamma, beta=beta, epsilon=self.epsilon, axis=axis,
             fused=self.fused, synchronized=self.synchronized,
             virtual_batch_size=self.virtual_batch_size, mask=mask,
             correction=self._renorm_correction(dtype) if self.renorm else None,
@@ -477,13 +477,13 @@ class BatchNorm(keras.layers.Layer):
         if not self.track_running_stats:
             # PyTorch's track_running_stats=False: batch statistics always.
             return dispatch.train(
-                inputs, gamma, beta, epsilon=self.epsilon, axis=axis,
+                inputs, gamma=gamma, beta=beta, epsilon=self.epsilon, axis=axis,
                 fused=self.fused, synchronized=self.synchronized,
                 caller=self._caller)[0]
         return dispatch.infer(
-            inputs, _vector(self.moving_mean, dtype), _vector(self.moving_variance, dtype),
-            gamma, beta, epsilon=self.epsilon, axis=axis, fused=self.fused,
-            caller=self._caller)
+            inputs, mean=_vector(self.moving_mean, dtype),
+            variance=_vector(self.moving_variance, dtype), gamma=gamma, beta=beta,
+            epsilon=self.epsilon, axis=axis, fused=self.fused, caller=self._caller)
 
     def _update_statistics(self, stats):
         momentum = self.momentum
@@ -511,10 +511,12 @@ class BatchNorm(keras.layers.Layer):
         if self.renorm:
             # Inference follows a moving stddev, as the paper and Keras do;
             # the moving variance is derived from it (never negative).
-            stddev = update(self.moving_stddev, tf.sqrt(variance + self.epsilon))
-            assign(self.moving_variance, tf.nn.relu(tf.square(stddev) - self.epsilon))
+            stddev = update(self.moving_stddev,
+                            ops.stddev_of(variance=variance, epsilon=self.epsilon))
+            assign(self.moving_variance, ops.variance_of(stddev=stddev, epsilon=self.epsilon))
             update(self.renorm_mean, stats.mean, self.renorm_momentum)
-            update(self.renorm_stddev, tf.sqrt(stats.variance + self.epsilon),
+            update(self.renorm_stddev,
+                   ops.stddev_of(variance=stats.variance, epsilon=self.epsilon),
                    self.renorm_momentum)
         else:
             update(self.moving_variance, variance)
@@ -541,8 +543,8 @@ class BatchNorm(keras.layers.Layer):
 
         def correction(mean, variance, broadcast):
             return ops.renorm_correction(
-                mean, variance, broadcast(renorm_mean), broadcast(renorm_stddev),
-                self.epsilon, bounds)
+                mean=mean, variance=variance, renorm_mean=broadcast(renorm_mean),
+                renorm_stddev=broadcast(renorm_stddev), epsilon=self.epsilon, bounds=bounds)
 
         return correction
 
@@ -614,6 +616,12 @@ class BatchNorm(keras.layers.Layer):
         return super().from_config(config)
 
 
+# The layers the model-wide functions (recalibrate, fold_batch_norms,
+# to_torch_state_dict) treat as batch norms: ours and Keras's, subclasses
+# included. Conversion between the two matches exact classes instead.
+BATCH_NORM_TYPES = (BatchNorm, keras.layers.BatchNormalization)
+
+
 def _vector(weight, dtype):
     """A weight in `dtype` as the (C,) vector the kernels take: a multi-axis
     layer's (d1, d2, ...) weights run row-major over its axes."""
@@ -622,7 +630,12 @@ def _vector(weight, dtype):
 
 
 def _sqrt_of(initializer):
-    """An initializer for a standard deviation from one for a variance."""
+    """An initializer for a standard deviation from one for a variance.
+
+    The square root alone, not `ops.stddev_of`: Keras's layer (and
+    tf_keras's) starts its moving stddev so, and weights carry over between
+    them; the first update brings epsilon in.
+    """
     def initialize(shape, dtype=None):
         return tf.sqrt(initializer(shape, dtype=dtype))
     return initialize

@@ -1,9 +1,9 @@
 """The math of batch normalization, as pure functions.
 
 Statistics, merging them across parts, the normalization itself, the
-moving-average rule, batch renormalization's correction and the training
-adjustment folded into gamma and beta. Nothing here
-owns a variable or reads the device, the replica or XLA: the kernels
+moving-average rule, batch renormalization's stddev and correction, and
+the training adjustment folded into gamma and beta. Nothing here owns a
+variable or reads the device, the replica or XLA: the kernels
 (`fused_kernel`, `tf_ops_kernel`) and the layer call these, and every
 formula lives here once.
 """
@@ -169,7 +169,7 @@ def moments(x, axis=-1):
     return tf.reshape(shift + mean, [-1]), tf.reshape(variance, [-1])
 
 
-def scale(variance, gamma, epsilon):
+def scale(*, variance, gamma, epsilon):
     """Per channel, gamma / sqrt(variance + epsilon): the factor batch norm
     multiplies the centred input by."""
     # tf.constant, not tf.cast: a cast goes through float32 and would round
@@ -178,20 +178,20 @@ def scale(variance, gamma, epsilon):
     return a if gamma is None else a * gamma
 
 
-def scale_and_offset(mean, variance, gamma, beta, epsilon):
+def scale_and_offset(*, mean, variance, gamma, beta, epsilon):
     """Per-channel a, b such that batch norm is `x * a + b`.
 
     a = `scale(...)`, b = beta - mean * a. This is the inference form that
     converters fold into the preceding layer.
     """
-    a = scale(variance, gamma, epsilon)
+    a = scale(variance=variance, gamma=gamma, epsilon=epsilon)
     b = -mean * a
     if beta is not None:
         b = beta + b
     return a, b
 
 
-def adjusted_gamma_and_beta(gamma, beta, adjust_scale, adjust_bias):
+def adjusted_gamma_and_beta(*, gamma, beta, adjust_scale, adjust_bias):
     """gamma' and beta' such that `gamma' * z + beta' = gamma * (adjust_scale
     * z + adjust_bias) + beta` for the normalized (and renorm-corrected) z.
 
@@ -205,7 +205,7 @@ def adjusted_gamma_and_beta(gamma, beta, adjust_scale, adjust_bias):
     return gamma * adjust_scale, offset if beta is None else offset + beta
 
 
-def affine(x, a, b, axis):
+def affine(x, *, a, b, axis):
     """`x * a + b` with per-channel (C,) `a` and `b` along `axis`, computed
     in the statistics dtype and returned in x's: batch norm's inference
     form, multiply then add, the order converters fold into the layer
@@ -216,7 +216,7 @@ def affine(x, a, b, axis):
     return tf.cast(y, x.dtype)
 
 
-def normalize(x, mean, variance, gamma, beta, epsilon, axis):
+def normalize(x, *, mean, variance, gamma, beta, epsilon, axis):
     """Batch norm with given (C,) statistics, centred first:
     `(x - mean) * a + beta`, in the statistics dtype, returned in x's.
 
@@ -225,7 +225,7 @@ def normalize(x, mean, variance, gamma, beta, epsilon, axis):
     then cancels it (4e-3 at 1e4 + N(0, 1) in float32). One elementwise op
     more than that form, and one that converters don't fold.
     """
-    a = scale(variance, gamma, epsilon)
+    a = scale(variance=variance, gamma=gamma, epsilon=epsilon)
     rank, sizes = x.shape.rank, sizes_on(x, axis)
     y = ((tf.cast(x, a.dtype) - per_channel(mean, rank, axis, sizes))
          * per_channel(a, rank, axis, sizes))
@@ -353,7 +353,20 @@ def kept_unless(accepted, old, new):
     return tf.where(accepted, new, old)
 
 
-def renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, bounds):
+def stddev_of(*, variance, epsilon):
+    """sqrt(variance + epsilon): the standard deviation batch norm divides
+    by, which batch renormalization keeps moving averages of."""
+    return tf.sqrt(variance + epsilon)
+
+
+def variance_of(*, stddev, epsilon):
+    """stddev**2 - epsilon, the inverse of `stddev_of`, floored at 0: a
+    moving stddev starts as the square root of the initial variance, without
+    epsilon (Keras's), so its square may lie below epsilon."""
+    return tf.nn.relu(tf.square(stddev) - epsilon)
+
+
+def renorm_correction(*, mean, variance, renorm_mean, renorm_stddev, epsilon, bounds):
     """Batch renormalization's r and d (Ioffe, 2017, Algorithm 1).
 
     r = sigma_batch / sigma_renorm and d = (mu_batch - mu_renorm) /
@@ -364,7 +377,7 @@ def renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, bound
     """
     epsilon = tf.constant(epsilon, variance.dtype)
     renorm_stddev = tf.maximum(renorm_stddev, tf.sqrt(epsilon))
-    r = tf.sqrt(variance + epsilon) / renorm_stddev
+    r = stddev_of(variance=variance, epsilon=epsilon) / renorm_stddev
     d = (mean - renorm_mean) / renorm_stddev
     if "rmin" in bounds:
         r = tf.maximum(r, bounds["rmin"])

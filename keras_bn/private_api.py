@@ -26,6 +26,17 @@ def in_xla_context():
         return False
 
 
+def has_layer_graph(model):
+    """Whether a keras.Model is functional (its layer graph known), not
+    subclassed.
+
+    Keras keeps that graph in `_nodes_by_depth`; should it move, the answer
+    is False, and conversion and folding refuse a functional model as they
+    refuse a subclassed one.
+    """
+    return hasattr(model, "_nodes_by_depth")
+
+
 def call_nodes(model):
     """The call nodes of a built Sequential or functional model's graph.
 

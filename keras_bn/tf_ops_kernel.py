@@ -29,7 +29,7 @@ def _attached(value, x, vjp):
     return attach(x)
 
 
-def train(x, gamma, beta, epsilon, axis, *, replica_ctx=None,
+def train(x, *, gamma, beta, epsilon, axis, replica_ctx=None,
           virtual_batch_size=None, mask=None, correction=None):
     """Training-mode batch norm from TF ops, with a lean custom gradient.
 

@@ -20,16 +20,16 @@ def _route(shape, axis=-1, dtype=tf.float32, **kwargs):
 
 @cpu_only
 @pytest.mark.parametrize("shape, axis, training, fused, features, route", [
-    ((8, 4, 4, 3), -1, True, None, (), ("fused", f"faster here: {EAGER}")),
-    ((8, 3, 4, 4), 1, True, None, (), ("tf_ops", "faster here: channels-first on CPU")),
-    ((8, 3, 4, 4), 1, True, True, (), ("fused", "fused=True")),
-    ((8, 4, 4, 3), -1, True, False, (), ("tf_ops", "fused=False")),
-    ((8, 6), -1, False, None, (), ("fused", f"faster here: {EAGER}")),
-    ((8, 4, 4, 3), -1, False, None, (), ("fused", f"faster here: {EAGER}")),
-    ((8, 3, 4, 4), 1, False, None, (), ("tf_ops", "faster here: channels-first on CPU")),
-    ((8, 6), -1, False, False, (), ("tf_ops", "fused=False")),
-    ((8, 6), -1, True, None, ("mask",), ("tf_ops", "mask needs TF ops")),
-    ((8, 6), -1, False, None, ("renorm",), ("fused", f"faster here: {EAGER}")),
+    ((8, 4, 4, 3), -1, True, None, {}, ("fused", f"faster here: {EAGER}")),
+    ((8, 3, 4, 4), 1, True, None, {}, ("tf_ops", "faster here: channels-first on CPU")),
+    ((8, 3, 4, 4), 1, True, True, {}, ("fused", "fused=True")),
+    ((8, 4, 4, 3), -1, True, False, {}, ("tf_ops", "fused=False")),
+    ((8, 6), -1, False, None, {}, ("fused", f"faster here: {EAGER}")),
+    ((8, 4, 4, 3), -1, False, None, {}, ("fused", f"faster here: {EAGER}")),
+    ((8, 3, 4, 4), 1, False, None, {}, ("tf_ops", "faster here: channels-first on CPU")),
+    ((8, 6), -1, False, False, {}, ("tf_ops", "fused=False")),
+    ((8, 6), -1, True, None, {"mask": True}, ("tf_ops", "mask needs TF ops")),
+    ((8, 6), -1, False, None, {"renorm": True}, ("fused", f"faster here: {EAGER}")),
 ])
 def test_route_and_reason_on_cpu(shape, axis, training, fused, features, route):
     assert tuple(_route(shape, axis, training=training, fused=fused, features=features)) == route
@@ -90,10 +90,12 @@ def test_inference_under_xla_is_centred_first(shape, axis):
 
 def test_fused_true_that_cannot_be_served_names_the_caller():
     with pytest.raises(ValueError) as info:
-        _route((4, 3), training=True, fused=True, features=("renorm",), caller="BatchNorm 'bn'")
+        _route((4, 3), training=True, fused=True, features={"renorm": True},
+               caller="BatchNorm 'bn'")
     assert str(info.value) == (
-        "BatchNorm 'bn': fused=True, but the kernel computes plain per-replica statistics "
-        "only; received renorm.")
+        "BatchNorm 'bn': argument `renorm` needs the TF-ops path, but fused=True requires "
+        "TensorFlow's fused kernel; received renorm=True with fused=True. Pass fused=None "
+        "(the default) or False.")
 
 
 def _traced_route(shape, dtype=tf.float32, training=True):

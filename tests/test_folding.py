@@ -316,7 +316,7 @@ def test_rejects_an_unbuilt_sequential_model():
 def test_rejects_a_subclassed_model():
     class Subclassed(keras.Model):
         def __init__(self):
-            super().__init__()
+            super().__init__(name="sub")
             self.dense = keras.layers.Dense(2)
 
         def call(self, x):
@@ -326,5 +326,5 @@ def test_rejects_a_subclassed_model():
         fold_batch_norms(Subclassed())
     assert str(error.value) == (
         "fold_batch_norms: argument `model` must be a keras.Sequential or a "
-        "functional keras.Model; received a subclassed model of type "
+        "functional keras.Model; received a subclassed model 'sub' of type "
         "Subclassed, whose layer graph is not known.")

@@ -172,19 +172,21 @@ def test_sample_shift_reads_the_first_rows_and_moves_only_channels_far_from_zero
     x = centres + signs * np.ones(5)
     x[16:, :, :, 4] = 1e3  # past the sample: not read
     view = tf.constant(x, tf.float32)
-    shift = fused._sample_shift(view, tf.ones([5]), tf.zeros([5]), 1e-5, "NHWC")
+    shift = fused._sample_shift(view, gamma=tf.ones([5]), beta=tf.zeros([5]), epsilon=1e-5,
+                                data_format="NHWC")
     # 1e4 and 50 lie more than 10 std from zero; 3 and 0 don't; 7 is the
     # sample's mean although the batch's is 503.5.
     np.testing.assert_array_equal(shift, [1e4, 50.0, 0.0, 0.0, 0.0])
     x[:, :, :, 4] = np.where(np.arange(32)[:, None, None] < 16, 70.0 + signs[..., 0], 1e3)
-    shift = fused._sample_shift(tf.constant(x, tf.float32), tf.ones([5]), tf.zeros([5]),
-                                1e-5, "NHWC")
+    shift = fused._sample_shift(tf.constant(x, tf.float32), gamma=tf.ones([5]),
+                                beta=tf.zeros([5]), epsilon=1e-5, data_format="NHWC")
     assert shift.numpy()[4] == 70.0
 
 
 def test_sample_shift_of_an_empty_batch_is_zero():
     view = tf.zeros([0, 1, 1, 3], tf.float32)
-    shift = fused._sample_shift(view, tf.ones([3]), tf.zeros([3]), 1e-5, "NHWC")
+    shift = fused._sample_shift(view, gamma=tf.ones([3]), beta=tf.zeros([3]), epsilon=1e-5,
+                                data_format="NHWC")
     np.testing.assert_array_equal(shift, [0.0, 0.0, 0.0])
 
 
@@ -195,9 +197,9 @@ def test_ordinary_batch_gives_the_unshifted_kernel_bit_for_bit(dtype):
     # guard changes nothing, in a graph (Switch/Merge) or eagerly.
     x = tf.cast(np.random.RandomState(5).normal(0.5, 2.0, (8, 4, 4, 6)), dtype)
     gamma, beta = tf.constant(np.linspace(0.5, 2.0, 6), tf.float32), tf.ones([6])
-    plain = fused._kernel(x, gamma, beta, 1e-3, "NHWC")
+    plain = fused._kernel(x, gamma=gamma, beta=beta, epsilon=1e-3, data_format="NHWC")
     for run in (lambda f: f(), tf.function(lambda f: f())):
-        y, stats = run(lambda: fused.train(x, gamma, beta, 1e-3, 3))
+        y, stats = run(lambda: fused.train(x, gamma=gamma, beta=beta, epsilon=1e-3, axis=3))
         np.testing.assert_array_equal(y, plain.y)
         np.testing.assert_array_equal(stats.mean, plain.batch_mean)
 
@@ -214,7 +216,7 @@ def test_half_precision_offset_dominated_batch_keeps_its_statistics(dtype, sprea
     x = 1e4 + np.random.RandomState(6).normal(0.0, spread, (128, 32, 32, 1))
     x = tf.cast(x, dtype)
     x64 = tf.cast(x, tf.float64).numpy()
-    y, stats = fused.train(x, None, None, 1e-5, 3)
+    y, stats = fused.train(x, gamma=None, beta=None, epsilon=1e-5, axis=3)
     mean, var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
     # A float32 mean near 1e4 is itself rounded to 1e-3: 1e-4 of the std here.
     np.testing.assert_allclose(stats.mean, mean, rtol=0, atol=1e-4 * float(np.sqrt(var[0])))

@@ -60,6 +60,15 @@ def test_momentum_one_keeps_and_zero_replaces_moving_stats():
     np.testing.assert_array_equal([mean[0], var[0]], [2.0, 1.0])
 
 
+def test_stddev_of_and_variance_of_are_inverses_hand_computed():
+    # sqrt(3 + 1) = 2 and 2^2 - 1 = 3 exactly. A stddev below sqrt(epsilon)
+    # (Keras's initial one lacks epsilon) stands for variance 0, not less.
+    stddev = ops.stddev_of(variance=tf.constant([3.0, 0.0]), epsilon=1.0)
+    np.testing.assert_array_equal(stddev, [2.0, 1.0])
+    variance = ops.variance_of(stddev=tf.constant([2.0, 1.0, 0.5]), epsilon=1.0)
+    np.testing.assert_array_equal(variance, [3.0, 0.0, 0.0])
+
+
 # --- Tier 2: float64 NumPy reference across ranks, axes and modes ---------
 
 SHAPES_AND_AXES = [
