@@ -39,9 +39,9 @@ def train(x, *, gamma, beta, epsilon, axis, replica_ctx=None,
     masked batch always does). The output and the gradient are formed from
     x - shift with that first mean as the shift, which batch norm doesn't
     see, so that a large common offset costs no digits. The backward pass
-    keeps only x, the shift, the mean and the inverse std
-    (not the normalized tensor) and needs two per-channel sums, sum(dy) and
-    sum(dy * (x - shift)), reduced side by side so that XLA fuses them into
+    keeps only x, the shift, the mean and the inverse std (not the
+    normalized tensor) and needs two per-channel sums, sum(dy) and
+    sum(dy * (x - mean)), reduced side by side so that XLA fuses them into
     one pass over dy and x. Gradients of any order are exact: the backward
     pass reads the statistics through `_attached`, which gives an outer tape
     their derivatives with respect to x.
