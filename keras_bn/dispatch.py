@@ -19,6 +19,7 @@ from keras_bn import checks
 from keras_bn import conv_fold
 from keras_bn import distributed
 from keras_bn import fused_kernel
+from keras_bn import one_side
 from keras_bn import ops
 from keras_bn import private_api
 from keras_bn import tf_ops_kernel
@@ -135,7 +136,7 @@ def route(x, axis, epsilon, *, training, fused=None, features=None, caller="batc
     if joins == "DepthwiseConv2dNative":
         return Route(DEPTHWISE_FOLD, "inference of a DepthwiseConv2dNative's output "
                                      "in a graph: into its filter")
-    if training is False and x.shape.rank != 4 and _convertible():
+    if training is False and x.shape.rank != 4 and one_side.in_plain_graph():
         # Outside 4-D, the kernel's reshapes keep converters (TFLite) from
         # folding the batch norm into the layer before it; a served model
         # gains more from that than from one pass instead of two.
@@ -145,16 +146,11 @@ def route(x, axis, epsilon, *, training, fused=None, features=None, caller="batc
         training, f"faster here: {why}")
 
 
-def _convertible():
-    """Whether this call's graph may reach a converter: a traced function
-    outside XLA (a SavedModel's serving function is one), not an eager
-    call or an XLA cluster, which nothing converts."""
-    return not tf.executing_eagerly() and not private_api.in_xla_context()
-
-
 def _by_ops(training, reason):
-    """TF ops; in inference the foldable form where a converter may see it."""
-    if training is False and _convertible():
+    """TF ops; in inference the foldable form where a converter may see it
+    (a traced graph outside XLA; nothing converts an eager call or an XLA
+    cluster)."""
+    if training is False and one_side.in_plain_graph():
         return Route(FOLDABLE, f"{reason}; x * a + b, which converters fold")
     return Route(TF_OPS, reason)
 

@@ -8,6 +8,12 @@ import tensorflow as tf
 from keras_bn import private_api
 
 
+def in_plain_graph():
+    """Tracing a graph outside XLA: where `one_side` is Switch and Merge,
+    and what a SavedModel's serving function (so a converter) sees."""
+    return not tf.executing_eagerly() and not private_api.in_xla_context()
+
+
 def one_side(pred, if_true, if_false, *inputs):
     """`if_true(*inputs)` where the scalar bool `pred` holds, else
     `if_false(*inputs)`; either returns a tuple of tensors.

@@ -11,7 +11,6 @@ import tensorflow as tf
 from keras_bn import distributed
 from keras_bn import one_side
 from keras_bn import ops
-from keras_bn import private_api
 
 
 def _attached(value, x, vjp):
@@ -166,7 +165,7 @@ def train(x, *, gamma, beta, epsilon, axis, replica_ctx=None,
             # x - mean as (x - shift) - mean, both differences small; the
             # second only where the relative mean may be nonzero, which in
             # a graph is a per-call choice (a pass over the batch saved).
-            if relative is True or not _in_plain_graph():
+            if relative is True or not one_side.in_plain_graph():
                 value = (xs - shift) - mean
             else:
                 value = one_side.one_side(
@@ -237,11 +236,6 @@ def train(x, *, gamma, beta, epsilon, axis, replica_ctx=None,
     count, mean, variance = (
         _to_vector(t, per_group, channel_axes, tf.reduce_mean) for t in (count, mean, variance))
     return y, ops.BatchStats(count, mean, variance)
-
-
-def _in_plain_graph():
-    """Tracing a graph outside XLA, where `one_side` is Switch and Merge."""
-    return not tf.executing_eagerly() and not private_api.in_xla_context()
 
 
 def _to_vector(t, per_group, channel_axes, reduce=tf.reduce_sum):
