@@ -55,7 +55,11 @@ def replica_moments(ctx, count, mean, variance, merge, shift=None):
     # An empty replica batch has NaN statistics; its count of 0 drops it.
     mean = tf.where(count > 0, mean, 0.0)
     variance = tf.where(count > 0, variance, 0.0)
-    own_shift = tf.zeros_like(mean) if shift is None else tf.where(count > 0, shift, 0.0)
+    if shift is None:
+        rows = gather_rows(ctx, tf.stack([count, mean, variance]))
+        count, merged_mean, merged_variance = merge(rows[:, 0], rows[:, 1], rows[:, 2])
+        return count, tf.zeros_like(merged_mean), merged_mean, merged_variance
+    own_shift = tf.where(count > 0, shift, 0.0)
     rows = gather_rows(ctx, tf.stack([count, own_shift, mean, variance]))
     counts, shifts = rows[:, 0], rows[:, 1]
     most = tf.argmax(counts, 0)
