@@ -53,3 +53,17 @@ def train_step_gradients(layer, x, dy, jit_compile=False):
         return tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
 
     return tf.function(step, jit_compile=True)(x) if jit_compile else step(x)
+
+
+def penalty_gradient(f, x, v, sources):
+    """d/d(sources) of |d(sum(f(x) * v))/dx|^2, by nested tapes: a gradient
+    penalty's gradient, or twice a Hessian-vector product. `sources` are
+    tensors or tf.Variables (x among them, or not)."""
+    with tf.GradientTape() as outer:
+        outer.watch(sources)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            s = tf.reduce_sum(f(x) * v)
+        g = inner.gradient(s, x)
+        penalty = tf.reduce_sum(g * g)
+    return outer.gradient(penalty, sources)

@@ -16,6 +16,7 @@ from keras_bn import BatchNorm
 from tests.model_helpers import images
 from tests.model_helpers import randomize_batch_norms
 from tests.model_helpers import serve_without_keras_bn
+from tests.reference import penalty_gradient
 
 # float32 outputs of O(1-10) after a mean, a variance and an rsqrt over a
 # handful of values: a few ulps, well inside 1e-5 relative (tf_keras's own
@@ -288,14 +289,7 @@ def test_second_order_matches_autodiff_of_the_formula(mode):
     x, v, layer, adjustment = _float64_case(seed=9)
 
     def second(f):
-        with tf.GradientTape() as outer:
-            outer.watch(x)
-            with tf.GradientTape() as inner:
-                inner.watch(x)
-                s = tf.reduce_sum(f(x) * v)
-            g = inner.gradient(s, x)
-            penalty = tf.reduce_sum(g * g)
-        return outer.gradient(penalty, _sources(x, layer, adjustment))
+        return penalty_gradient(f, x, v, _sources(x, layer, adjustment))
 
     def ours():
         return second(lambda x: layer(x, training=True))
