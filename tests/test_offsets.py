@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from keras_bn import BatchNorm
+from tests.reference import penalty_gradient
 
 OFFSETS = [1e4, 1e6]
 # The bound the statistics are held to: 1e-4 of the variance. The TF-ops
@@ -297,3 +298,35 @@ def test_foldable_inference_in_a_graph_stays_within_its_bound(case):
     scale = 1.0 / np.sqrt(layer.moving_variance.numpy() + 1e-5)
     bound = 2 * np.finfo(np.float32).eps * np.abs(x).max() * scale.max()
     assert np.abs(y.numpy() - want).max() <= bound
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("case", ["dense", "nchw"])
+def test_second_order_gradients_exact_at_1e4(case, mode):
+    # Batch norm doesn't change under a per-channel shift, so neither do its
+    # gradients of any order: float32 data at offset 1e4 (where TF ops take
+    # their second look, in a graph through the backward's Switch and Merge)
+    # against float64 of the same values with the offset taken off exactly.
+    shape, axis = CASES[case]
+    x32 = _offset_data(shape, axis, 1e4)
+    per_channel = [1] * len(shape)
+    per_channel[axis % len(shape)] = -1
+    offset = 1e4 * np.linspace(1.0, 2.0, shape[axis]).reshape(per_channel)
+    v = np.random.default_rng(3).standard_normal(shape)
+
+    def penalty(dtype, x):
+        layer = BatchNorm(axis=axis, fused=False, dtype=dtype)
+        layer.build(shape)
+        x, dy = tf.constant(x, dtype), tf.constant(v, dtype)
+        fn = lambda x: penalty_gradient(  # noqa: E731
+            lambda t: layer(t, training=True), x, dy, [x, layer.gamma.value])
+        if mode != "eager":
+            fn = tf.function(fn, jit_compile=mode == "xla")
+        return fn(x)
+
+    got = penalty("float32", x32)
+    want = penalty("float64", x32.astype(np.float64) - offset)
+    for a, b in zip(got, want):
+        # Second derivatives are O(1 / std^2) <= 100: float32 rounding of
+        # sums over the batch, 1e-4 of the largest entry.
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4 * np.abs(b.numpy()).max())
