@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,20 +27,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_bn  # noqa: E402
+import common as machine  # noqa: E402  (benchmarks/, next to this script)
+from common import QUICK_SHAPES  # noqa: E402
+from common import SHAPES  # noqa: E402
 
-SHAPES = {
-    "dense 4096x256": ((4096, 256), -1),
-    "dense 256x4096": ((256, 4096), -1),
-    "conv NHWC 64x32x32x64": ((64, 32, 32, 64), -1),
-    "conv NHWC 32x56x56x128": ((32, 56, 56, 128), -1),
-    "conv NCHW 64x64x32x32": ((64, 64, 32, 32), 1),
-    "conv NCHW 32x128x56x56": ((32, 128, 56, 56), 1),
-}
-QUICK_SHAPES = {
-    "dense 64x16": ((64, 16), -1),
-    "conv NHWC 4x8x8x8": ((4, 8, 8, 8), -1),
-    "conv NCHW 4x8x8x8": ((4, 8, 8, 8), 1),
-}
 MODES = ("inference", "train_forward", "train_step")
 
 
@@ -54,47 +43,12 @@ def _sync():
         tf.test.experimental.sync_devices()
 
 
-# The CPU flags that decide TensorFlow's CPU kernels: oneDNN is on by
-# default only with AVX-512 VNNI/BF16 or AMX, and its kernels use them.
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
-             "amx_tile", "amx_bf16", "amx_int8")
-
-
-def _cpuinfo():
-    """(model name, its flags among CPU_FLAGS) from /proc/cpuinfo."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                if model != "unknown" and flags:
-                    break
-    except OSError:
-        pass
-    return model, [flag for flag in CPU_FLAGS if flag in flags]
-
-
-def git_commit():
-    """The checkout's commit (with -dirty for uncommitted changes)."""
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True,
-            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        ).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def environment():
     """Hardware, oneDNN, versions and commit, written next to every set of
     figures."""
-    from keras_bn import dispatch
+    from keras_bn.backend.tensorflow import dispatch
 
-    cpu, flags = _cpuinfo()
+    cpu, flags = machine.cpuinfo()
     gpus = [
         tf.config.experimental.get_device_details(d).get("device_name", d.name)
         for d in tf.config.list_physical_devices("GPU")
@@ -112,7 +66,7 @@ def environment():
         "keras_bn": keras_bn.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "git": git_commit(),
+        "git": machine.git_commit(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
 

@@ -1,5 +1,5 @@
 """Times the fused kernel against TF ops, and both against Keras's layer,
-across tensor sizes: the figures behind `keras_bn.dispatch.FUSED_FROM`.
+across tensor sizes: the figures behind `keras_bn.backend.tensorflow.dispatch.FUSED_FROM`.
 
 For channels-last inputs of 2^12 to 2^23 values (conv-shaped [16, s, s, C]
 and dense-shaped [P, C]), each traced in a `tf.function`: a training step

@@ -12,7 +12,8 @@ import numbers
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from keras import ops as K
 
 from keras_bn import ops
 from keras_bn import private_api
@@ -91,7 +92,7 @@ def _check_data(data, steps):
             "recalibrate: argument `steps` must be None or an integer >= 1; "
             f"received steps={steps!r}."
         )
-    if isinstance(data, np.ndarray) or tf.is_tensor(data):
+    if isinstance(data, np.ndarray) or K.is_tensor(data):
         raise ValueError(
             "recalibrate: argument `data` must yield batches (a "
             "tf.data.Dataset or an iterable of batches); received a single "
@@ -103,7 +104,8 @@ def _check_data(data, steps):
             "recalibrate: argument `data` must be a tf.data.Dataset or an "
             f"iterable of batches; received {type(data).__name__}."
         )
-    if isinstance(data, tf.data.Dataset):
+    tf = _tensorflow()
+    if tf is not None and isinstance(data, tf.data.Dataset):
         cardinality = int(data.cardinality())
         if cardinality == tf.data.INFINITE_CARDINALITY and steps is None:
             raise ValueError(
@@ -123,8 +125,8 @@ def _check_data(data, steps):
 
 
 def _batch_size(x):
-    first = tf.nest.flatten(x)[0]
-    size = first.shape[0] if first.shape.rank else None
+    first = keras.tree.flatten(x)[0]
+    size = first.shape[0] if len(first.shape) else None
     if size is None:
         raise ValueError(
             "recalibrate: every batch in argument `data` must have a batch "
@@ -153,9 +155,9 @@ class _BatchMoments:
         # [batches, *weight shape]: a multi-axis layer's statistics are 2-D or more.
         counts = np.multiply.outer(self.sizes, np.ones_like(self.means[0]))
         _, mean, variance = ops.merge_moments(
-            tf.constant(counts), tf.constant(np.stack(self.means)),
-            tf.constant(np.stack(self.variances)))
-        return mean.numpy(), variance.numpy()
+            K.convert_to_tensor(counts), K.convert_to_tensor(np.stack(self.means)),
+            K.convert_to_tensor(np.stack(self.variances)))
+        return K.convert_to_numpy(mean), K.convert_to_numpy(variance)
 
 
 def _refused(layer):
@@ -263,12 +265,10 @@ def recalibrate(model, data, steps=None, verbose=1):
             layer.momentum = 0.0
             if isinstance(layer, BatchNorm):
                 layer.unbiased_moving_variance = False
-        forward = tf.function(
-            lambda x: model(x, training=True), reduce_retracing=True
-        )
+        forward = _compiled(lambda x: model(x, training=True))
         for batch in itertools.islice(data, steps):
             x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-            x = tf.nest.map_structure(tf.convert_to_tensor, x)
+            x = keras.tree.map_structure(K.convert_to_tensor, x)
             n = _batch_size(x)
             if n == 0:
                 continue  # no statistics to add, and NaN ones to avoid
@@ -320,7 +320,7 @@ def recalibrate(model, data, steps=None, verbose=1):
         # Renorm layers (ours and Keras's) infer with the moving stddev and
         # derive the variance from it: both must say the same.
         if getattr(layer, "renorm", False):
-            stddev = ops.stddev_of(variance=variance, epsilon=layer.epsilon).numpy()
+            stddev = K.convert_to_numpy(ops.stddev_of(variance=variance, epsilon=layer.epsilon))
             layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
     progbar.update(batches, finalize=True)
     return RecalibrationReport(
@@ -329,3 +329,21 @@ def recalibrate(model, data, steps=None, verbose=1):
         batches=batches,
         examples=pooled[0].count,
     )
+
+
+def _tensorflow():
+    """TensorFlow where it is imported (its tf.data is one kind of `data`),
+    else None: the JAX and PyTorch backends don't need it installed."""
+    import sys
+
+    return sys.modules.get("tensorflow")
+
+
+def _compiled(forward):
+    """The training-mode forward pass, traced once per input signature on
+    TensorFlow (tf.function); called as it is elsewhere, where the moving
+    statistics are plain variable updates."""
+    tf = _tensorflow()
+    if keras.config.backend() == "tensorflow" and tf is not None:
+        return tf.function(forward, reduce_retracing=True)
+    return forward

@@ -10,12 +10,44 @@ Each returns the argument in the form the rest of the package uses.
 import numbers
 
 import keras
-import tensorflow as tf
+import numpy as np
 
+from keras import ops as K
+
+from keras_bn import backend
 from keras_bn import private_api
 
-FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _dtype(t):
+    """A tensor's dtype name, on any backend."""
+    return keras.backend.standardize_dtype(t.dtype)
+
+
+def _is_floating(t):
+    return "float" in _dtype(t)
+
+
+def _rank(t):
+    """A tensor's rank; None where unknown (a TensorFlow graph)."""
+    try:
+        return len(t.shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def _tensor(value, dtype):
+    """`value` as a tensor, Python and NumPy numbers in `dtype` if they
+    are real (TensorFlow's dtype_hint): [1, 2] is a float vector; a
+    tensor or an array keeps its own dtype, for the check to name."""
+    if not K.is_tensor(value) and not hasattr(value, "dtype"):
+        array = np.asarray(value)
+        if array.dtype.kind in "iuf":
+            return K.convert_to_tensor(array, dtype)
+        value = array
+    return K.convert_to_tensor(value)
 
 
 def _is_number(value):
@@ -95,6 +127,11 @@ def fused(value, caller):
         raise TypeError(
             f"{caller}: argument `fused` must be None, True or False; "
             f"received fused={value!r}.")
+    if value and backend.NAME != "tensorflow":
+        raise ValueError(
+            f"{caller}: argument `fused`: fused=True requires TensorFlow's fused "
+            f"kernel, which Keras's {backend.NAME} backend doesn't have; received "
+            "fused=True. Pass fused=None (the default) or False.")
     return value
 
 
@@ -170,22 +207,22 @@ def adjustment_output(pair, channels, dtype, caller):
             f"bias), each of {expected}; received {pair!r}.")
     tensors = []
     for name, value in zip(("scale", "bias"), pair):
-        value = tf.convert_to_tensor(value, dtype_hint=dtype)
-        if not value.dtype.is_floating:
+        value = _tensor(value, dtype)
+        if not _is_floating(value):
             raise TypeError(
                 f"{caller}: argument `adjustment` must return a floating-point "
-                f"{name}; received dtype {value.dtype.name}.")
+                f"{name}; received dtype {_dtype(value)}.")
         shape = value.shape
-        if shape.rank is None or shape.rank > 1 or (
-                shape.rank == 1 and shape[0] not in (None, 1, channels)):
-            received = ("of unknown rank" if shape.rank is None
+        rank = _rank(value)
+        if rank is None or rank > 1 or (rank == 1 and shape[0] not in (None, 1, channels)):
+            received = ("of unknown rank" if rank is None
                         else f"of shape {tuple(shape)}")
             raise ValueError(
                 f"{caller}: argument `adjustment` must return a {name} of "
                 f"{expected} (one value per channel, or one for all); "
                 f"received a {name} {received}.")
         # A size known only at run time is checked by broadcast_to there.
-        tensors.append(tf.broadcast_to(tf.cast(value, dtype), [channels]))
+        tensors.append(K.broadcast_to(K.cast(value, dtype), [channels]))
     return tuple(tensors)
 
 
@@ -204,7 +241,7 @@ def fused_conflicts(fused, caller, **options):
         # `is`, not `in (None, False)`: that would compare a tensor by value.
         if value is None or value is False:
             continue
-        received = f"a {name}" if tf.is_tensor(value) else f"{name}={value!r}"
+        received = f"a {name}" if K.is_tensor(value) else f"{name}={value!r}"
         raise ValueError(
             f"{caller}: argument `{name}` needs the TF-ops path, but "
             f"fused=True requires TensorFlow's fused kernel; received "
@@ -230,7 +267,7 @@ def graph_model(model, caller):
 
 
 def training(value, caller):
-    """A Python bool, or a scalar bool tensor left to `tf.cond`.
+    """A Python bool, or a scalar bool tensor left to a conditional.
 
     An eager tensor is read at once; only a symbolic one needs both branches.
     """
@@ -238,14 +275,13 @@ def training(value, caller):
         return bool(value)
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
-    if tf.is_tensor(value) and value.dtype == tf.bool:
-        if value.shape.rank not in (0, None):
+    if K.is_tensor(value) and _dtype(value) == "bool":
+        if _rank(value) not in (0, None):
             raise ValueError(
                 f"{caller}: argument `training` must be a scalar; received a "
                 f"tensor of shape {tuple(value.shape)}.")
-        if not tf.executing_eagerly() or not hasattr(value, "numpy"):
-            return value
-        return bool(value.numpy())
+        known = backend.concrete_bool(value)
+        return value if known is None else known
     if hasattr(value, "dtype") and getattr(value, "shape", None) == ():
         if str(value.dtype) == "bool":
             return bool(value)
@@ -321,11 +357,11 @@ def batch_axis_free(axes, virtual_batch_size, axis, caller):
 
 def float_input(x, caller):
     """The op's `x`: a tensor of a floating dtype the math supports."""
-    x = tf.convert_to_tensor(x)
-    if x.dtype not in FLOAT_DTYPES:
+    x = K.convert_to_tensor(x)
+    if _dtype(x) not in FLOAT_DTYPES:
         raise TypeError(
             f"{caller}: argument `x` must be a float16, bfloat16, float32 or "
-            f"float64 tensor; received dtype {x.dtype.name}.")
+            f"float64 tensor; received dtype {_dtype(x)}.")
     return x
 
 
@@ -338,53 +374,43 @@ def layer_input(inputs, channels, axis, compute_dtype, caller, rank=None):
     `compute_dtype`, as in Keras's layer. Returns (inputs, non-negative
     axis, or the sorted tuple of axes).
     """
-    if isinstance(inputs, tf.RaggedTensor):
-        raise TypeError(
-            f"{caller}: expected a dense tensor; received a RaggedTensor. Pad "
-            "it with `x.to_tensor()` and pass `mask=` to keep the padding out "
-            "of the batch statistics.")
-    if isinstance(inputs, tf.SparseTensor):
-        raise TypeError(
-            f"{caller}: expected a dense tensor; received a SparseTensor. "
-            "Convert it with `tf.sparse.to_dense(x)` first.")
-    inputs = tf.convert_to_tensor(inputs)
+    inputs = K.convert_to_tensor(backend.dense_input(inputs, caller))
     if isinstance(axis, int):
         inputs, axis = _channels_on_axis(inputs, channels, axis, caller)
     else:
         inputs, axis = _sizes_on_axes(inputs, channels, axis, rank, caller)
-    if not inputs.dtype.is_floating:
-        if inputs.dtype != tf.bool and not inputs.dtype.is_integer:
+    if not _is_floating(inputs):
+        if _dtype(inputs) != "bool" and "int" not in _dtype(inputs):
             raise TypeError(
                 f"{caller}: expected a real-valued (float, integer or bool) "
-                f"input tensor; received dtype {inputs.dtype.name}.")
-        inputs = tf.cast(inputs, compute_dtype)
+                f"input tensor; received dtype {_dtype(inputs)}.")
+        inputs = K.cast(inputs, compute_dtype)
     return inputs, axis
 
 
 def _channels_on_axis(inputs, channels, axis, caller):
     message = (f"{caller} was built for {channels} channels on axis {axis}; "
                "received an input with")
-    axis = channel_axis(inputs.shape.rank, axis, caller)
+    axis = channel_axis(_rank(inputs), axis, caller)
     received = inputs.shape[axis]
     if received is not None and received != channels:
         raise ValueError(
             f"{message} {received} channels (shape {tuple(inputs.shape)}).")
     if received is None:
         # Known only at run time (a traced [None, None] signature).
-        with tf.control_dependencies([tf.debugging.assert_equal(
-                tf.shape(inputs)[axis], channels,
-                message=f"{message} another number of channels.")]):
-            inputs = tf.identity(inputs)
+        inputs = backend.runtime_equal(
+            inputs, K.shape(inputs)[axis], channels,
+            f"{message} another number of channels.")
     return inputs, axis
 
 
 def _sizes_on_axes(inputs, sizes, axis, rank, caller):
     """As `_channels_on_axis` for a list of axes, which fixes the rank."""
     shape = tuple(inputs.shape)
-    if inputs.shape.rank != rank:
+    if _rank(inputs) != rank:
         raise ValueError(
             f"{caller} was built for inputs of rank {rank} (axis={axis}); "
-            f"received an input of rank {inputs.shape.rank} (shape {shape}).")
+            f"received an input of rank {_rank(inputs)} (shape {shape}).")
     axes = channel_axis(rank, axis, caller)
     message = (f"{caller} was built for sizes {sizes} on axis={axis}; received "
                "an input with")
@@ -392,10 +418,10 @@ def _sizes_on_axes(inputs, sizes, axis, rank, caller):
     if any(r is not None and r != s for r, s in zip(received, sizes)):
         raise ValueError(f"{message} sizes {received} there (shape {shape}).")
     if None in received:
-        with tf.control_dependencies([tf.debugging.assert_equal(
-                tf.gather(tf.shape(inputs), axes), sizes,
-                message=f"{message} other sizes there.")]):
-            inputs = tf.identity(inputs)
+        dynamic = K.shape(inputs)
+        inputs = backend.runtime_equal(
+            inputs, K.stack([dynamic[a] for a in axes]), list(sizes),
+            f"{message} other sizes there.")
     return inputs, axes
 
 
@@ -408,27 +434,27 @@ def vector(value, name, channels, dtype, caller, axis=None):
     """
     if value is None:
         return None
-    value = tf.convert_to_tensor(value, dtype_hint=dtype)
-    if not value.dtype.is_floating:
+    value = _tensor(value, dtype)
+    if not _is_floating(value):
         raise TypeError(
             f"{caller}: argument `{name}` must be floating-point; received "
-            f"dtype {value.dtype.name}.")
+            f"dtype {_dtype(value)}.")
     if isinstance(channels, tuple):
-        if value.shape.rank != len(channels) or not all(
+        if _rank(value) != len(channels) or not all(
                 c is None or d is None or c == d for c, d in zip(channels, value.shape)):
             raise ValueError(
                 f"{caller}: argument `{name}` must have shape {channels} to "
                 f"match the sizes of `x` on axis={axis}; received shape "
                 f"{tuple(value.shape)}.")
-        return tf.cast(value, dtype)
-    if value.shape.rank != 1 or (
+        return K.cast(value, dtype)
+    if _rank(value) != 1 or (
             channels is not None and value.shape[0] is not None
             and value.shape[0] != channels):
         raise ValueError(
             f"{caller}: argument `{name}` must have shape ({channels},) to "
             f"match the {channels} channels of `x`; received shape "
             f"{tuple(value.shape)}.")
-    return tf.cast(value, dtype)
+    return K.cast(value, dtype)
 
 
 def mask(value, inputs, caller):
@@ -438,19 +464,19 @@ def mask(value, inputs, caller):
     that Keras's masks lack (`Masking`, `Embedding(mask_zero=True)`),
     whatever the channel axis is.
     """
-    value = tf.convert_to_tensor(value)
+    value = K.convert_to_tensor(value)
     received = tuple(value.shape)
-    rank = inputs.shape.rank
-    if value.shape.rank == rank - 1:
-        value = tf.expand_dims(value, -1)
-    if value.shape.rank != rank or not all(
+    rank = _rank(inputs)
+    if _rank(value) == rank - 1:
+        value = K.expand_dims(value, -1)
+    if _rank(value) != rank or not all(
             m in (1, None) or d is None or m == d
             for m, d in zip(value.shape, inputs.shape)):
         raise ValueError(
             f"{caller}: argument `mask` must broadcast to the input's shape "
             f"{tuple(inputs.shape)}, or do so once given a last axis of size "
             f"1 (Keras's masks lack the last axis); received shape {received}.")
-    return tf.cast(value, tf.bool)
+    return K.cast(value, "bool")
 
 
 def batch_multiple(inputs, virtual_batch_size, caller):
@@ -463,6 +489,5 @@ def batch_multiple(inputs, virtual_batch_size, caller):
         if batch % v:
             raise ValueError(f"{message} a batch of {batch}.")
         return inputs
-    with tf.control_dependencies([tf.debugging.assert_equal(
-            tf.shape(inputs)[0] % v, 0, message=f"{message} another size.")]):
-        return tf.identity(inputs)
+    return backend.runtime_equal(
+        inputs, K.shape(inputs)[0] % v, 0, f"{message} another size.")

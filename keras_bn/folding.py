@@ -12,7 +12,8 @@ import collections
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from keras import ops as K
 
 from keras_bn import checks
 from keras_bn import ops
@@ -66,7 +67,7 @@ class ChannelAffine(keras.layers.Layer):
 
     def build(self, input_shape):
         shape = (checks.known_channels(input_shape, self.axis, self._caller),)
-        dtype = ops.statistics_dtype(self.variable_dtype).name
+        dtype = ops.statistics_dtype(self.variable_dtype)
         self.scale = self.add_weight(
             shape=shape, name="scale", initializer="ones", dtype=dtype,
             trainable=False, autocast=False,
@@ -77,10 +78,10 @@ class ChannelAffine(keras.layers.Layer):
         )
 
     def call(self, inputs):
-        x = tf.convert_to_tensor(inputs)
-        axis = checks.channel_axis(x.shape.rank, self.axis, self._caller)
+        x = K.convert_to_tensor(inputs)
+        axis = checks.channel_axis(len(x.shape), self.axis, self._caller)
         dtype = ops.statistics_dtype(x.dtype)
-        return ops.affine(x, a=tf.cast(self.scale, dtype), b=tf.cast(self.offset, dtype),
+        return ops.affine(x, a=K.cast(self.scale, dtype), b=K.cast(self.offset, dtype),
                           axis=axis)
 
     def compute_output_shape(self, input_shape):
@@ -101,12 +102,12 @@ def _numpy64(value):
 def _inference_map(bn):
     """The batch norm's inference map `x * a + b`, as float64 NumPy (a, b)."""
     mean, variance, gamma, beta = (
-        None if v is None else tf.constant(_numpy64(v))
+        None if v is None else K.convert_to_tensor(_numpy64(v))
         for v in (bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta)
     )
     a, b = ops.scale_and_offset(mean=mean, variance=variance, gamma=gamma, beta=beta,
                                 epsilon=bn.epsilon)
-    return a.numpy(), b.numpy()
+    return K.convert_to_numpy(a), K.convert_to_numpy(b)
 
 
 def _channel_axis(layer, rank):

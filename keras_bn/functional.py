@@ -6,8 +6,9 @@ bad-batch guard included), so that the op and `BatchNorm` compute the same
 function for the same arguments.
 """
 
-import tensorflow as tf
+from keras import ops as K
 
+from keras_bn import backend
 from keras_bn import checks
 from keras_bn import dispatch
 from keras_bn import ops
@@ -74,7 +75,7 @@ def batch_norm(
     given = axis = checks.axis(axis, caller)
     fused = checks.fused(fused, caller)
     x = checks.float_input(x, caller)
-    axis = checks.channel_axis(x.shape.rank, axis, caller)
+    axis = checks.channel_axis(len(x.shape), axis, caller)
     channels = x.shape[axis] if isinstance(axis, int) else tuple(x.shape[a] for a in axis)
     stat_dtype = ops.statistics_dtype(x.dtype)
     gamma, beta, moving_mean, moving_variance = (
@@ -89,15 +90,15 @@ def batch_norm(
     training = checks.training(training, caller)
     if not isinstance(axis, int):
         # The kernels take (C,) vectors, row-major over the axes.
-        shape = tf.shape(moving_mean)
-        gamma, beta = (None if v is None else tf.reshape(v, [-1]) for v in (gamma, beta))
+        shape = K.shape(moving_mean)
+        gamma, beta = (None if v is None else K.reshape(v, [-1]) for v in (gamma, beta))
 
     def train():
         y, stats = dispatch.train(
             x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis, fused=fused,
             synchronized=synchronized)
         if not isinstance(axis, int):
-            stats = ops.BatchStats(*(tf.reshape(t, shape) for t in stats))
+            stats = ops.BatchStats(*(K.reshape(t, shape) for t in stats))
         mean, variance, accepted = ops.moving_target(stats, guard=guard_bad_batches)
         return (
             y,
@@ -110,11 +111,11 @@ def batch_norm(
     def infer():
         mean, variance = moving_mean, moving_variance
         if not isinstance(axis, int):
-            mean, variance = tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
+            mean, variance = K.reshape(mean, [-1]), K.reshape(variance, [-1])
         y = dispatch.infer(x, mean=mean, variance=variance, gamma=gamma, beta=beta,
                            epsilon=epsilon, axis=axis, fused=fused)
         return y, moving_mean, moving_variance
 
     if isinstance(training, bool):
         return train() if training else infer()
-    return tf.cond(training, train, infer)
+    return backend.cond(training, train, infer)

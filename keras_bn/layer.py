@@ -6,11 +6,14 @@ or moving statistics, and writes the moving statistics back by the rule in
 """
 
 import keras
-import tensorflow as tf
 
+from keras import ops as K
+
+from keras_bn import backend
 from keras_bn import checks
 from keras_bn import dispatch
 from keras_bn import ops
+from keras_bn import private_api
 
 _STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
                "renorm_stddev", "num_batches_tracked", "renorm_steps")
@@ -286,7 +289,7 @@ class BatchNorm(keras.layers.Layer):
     @property
     def _weight_dtype(self):
         # Half-precision moving variances overflow and lose small updates.
-        return ops.statistics_dtype(self.variable_dtype).name
+        return ops.statistics_dtype(self.variable_dtype)
 
     def _statistic(self, name, initializer, shape, dtype=None):
         # Moving statistics are computed identically on every replica (see
@@ -353,21 +356,27 @@ class BatchNorm(keras.layers.Layer):
                 shape)
         if self._counts_batches:
             self.num_batches_tracked = self._statistic(
-                "num_batches_tracked", "zeros", (), "int64")
+                "num_batches_tracked", "zeros", (), backend.counter_dtype())
         if any(callable(v) for v in self.renorm_clipping.values()):
             # Only a bound that changes with the step needs the step.
             self.renorm_steps = self._statistic(
-                "renorm_steps", "zeros", (), "int64")
+                "renorm_steps", "zeros", (), backend.counter_dtype())
         # Monitoring only, so not a Keras weight: it would break the
         # 4-weight get_weights()/set_weights() interchange with Keras. A
         # Keras variable (not a raw tf.Variable, which makes a tf.function
         # that builds the layer retrace and fail), kept out of Keras's and
         # TF's tracking by setting it past their __setattr__.
         # A callable initializer, so that Keras defers it in a symbolic pass.
-        object.__setattr__(self, "_refused_batches", keras.Variable(
-            keras.initializers.Zeros(), shape=(), dtype="int64",
+        counter = keras.Variable(
+            keras.initializers.Zeros(), shape=(), dtype=backend.counter_dtype(),
             trainable=False, name="refused_batches",
-            aggregation="only_first_replica"))
+            aggregation="only_first_replica")
+        object.__setattr__(self, "_refused_batches", counter)
+        if backend.NAME == "jax":
+            # JAX's trainer and stateless_call thread only the layer's
+            # variables through a step; the counter must be one of them
+            # (still not a weight) or its updates would be dropped.
+            private_api.track_state(self, counter)
 
     @property
     def _counts_batches(self):
@@ -384,7 +393,7 @@ class BatchNorm(keras.layers.Layer):
             if variable is None:
                 continue
             if name in ("num_batches_tracked", "renorm_steps"):
-                value = tf.zeros((), variable.dtype)
+                value = K.zeros((), variable.dtype)
             elif name in ("moving_mean", "renorm_mean"):
                 value = self.moving_mean_initializer(variable.shape, variable.dtype)
             elif name == "moving_variance":
@@ -412,7 +421,7 @@ class BatchNorm(keras.layers.Layer):
     @property
     def refused_batches(self):
         """Training batches whose statistics the bad-batch guard refused."""
-        return int(self._refused_batches.numpy())
+        return int(K.convert_to_numpy(self._refused_batches))
 
     @property
     def skipped_updates(self):
@@ -435,8 +444,8 @@ class BatchNorm(keras.layers.Layer):
         if isinstance(training, bool):
             return self._train(inputs, axis, mask) if training else self._infer(inputs, axis)
         # A symbolic flag: the update happens only inside the training branch.
-        return tf.cond(training, lambda: self._train(inputs, axis, mask),
-                       lambda: self._infer(inputs, axis))
+        return backend.cond(training, lambda: self._train(inputs, axis, mask),
+                            lambda: self._infer(inputs, axis))
 
     def _gamma_and_beta(self, dtype):
         """The affine weights read in the statistics dtype (None if absent)."""
@@ -458,7 +467,8 @@ class BatchNorm(keras.layers.Layer):
             # Called here, so only in training (the training branch of a
             # symbolic flag), with the dynamic shape as tf_keras passes it.
             adjustment = checks.adjustment_output(
-                self.adjustment(tf.shape(inputs)), self._channels, dtype, self._caller)
+                self.adjustment(backend.dynamic_shape(inputs)), self._channels, dtype,
+                self._caller)
         y, stats = dispatch.train(
             inputs, gamma=gamma, beta=beta, epsilon=self.epsilon, axis=axis,
             fused=self.fused, synchronized=self.synchronized,
@@ -467,8 +477,7 @@ class BatchNorm(keras.layers.Layer):
             adjustment=adjustment, caller=self._caller)
         if self.track_running_stats:
             # Updates after the output: nothing they overwrite is read late.
-            with tf.control_dependencies([y]):
-                self._update_statistics(stats)
+            return backend.after(y, lambda: self._update_statistics(stats))
         return y
 
     def _infer(self, inputs, axis):
@@ -491,18 +500,18 @@ class BatchNorm(keras.layers.Layer):
             momentum = ops.cumulative_momentum(self.num_batches_tracked, stats.mean.dtype)
         if self._built_rank is not None:
             # The (C,) statistics in the weights' shape, (d1, d2, ...).
-            stats = ops.BatchStats(*(tf.reshape(t, self.moving_mean.shape) for t in stats))
+            stats = ops.BatchStats(*(K.reshape(t, self.moving_mean.shape) for t in stats))
         mean, variance, accepted = ops.moving_target(
             stats, unbiased=self.unbiased_moving_variance,
             guard=self.guard_bad_batches)
 
         def assign(variable, new, old=None):
             # A refused batch leaves the variable's exact bits.
-            old = tf.cast(variable, new.dtype) if old is None else old
-            variable.assign(tf.cast(ops.kept_unless(accepted, old, new), variable.dtype))
+            old = K.cast(variable, new.dtype) if old is None else old
+            variable.assign(K.cast(ops.kept_unless(accepted, old, new), variable.dtype))
 
         def update(variable, value, momentum=momentum):
-            old = tf.cast(variable, value.dtype)
+            old = K.cast(variable, value.dtype)
             new = ops.update_moving(old, value, momentum)
             assign(variable, new, old)
             return new
@@ -521,10 +530,10 @@ class BatchNorm(keras.layers.Layer):
         else:
             update(self.moving_variance, variance)
         if self._counts_batches:
-            self.num_batches_tracked.assign_add(tf.cast(accepted, tf.int64))
+            self.num_batches_tracked.assign_add(K.cast(accepted, self.num_batches_tracked.dtype))
         if hasattr(self, "renorm_steps"):
             self.renorm_steps.assign_add(1)
-        self._refused_batches.assign_add(tf.cast(tf.logical_not(accepted), tf.int64))
+        self._refused_batches.assign_add(K.cast(K.logical_not(accepted), self._refused_batches.dtype))
 
     def _renorm_correction(self, dtype):
         """Batch renormalization's `f(mean, variance, broadcast) -> (r, d)`.
@@ -535,10 +544,10 @@ class BatchNorm(keras.layers.Layer):
         """
         renorm_mean = _vector(self.renorm_mean, dtype)
         renorm_stddev = _vector(self.renorm_stddev, dtype)
-        step = tf.cast(getattr(self, "renorm_steps", 0), tf.float32)
+        step = K.cast(getattr(self, "renorm_steps", 0), "float32")
         # A numeric bound goes straight to the statistics dtype; a float32
         # round trip would move 1.2 by 5e-8 in float64.
-        bounds = {k: tf.cast(v(step), dtype) if callable(v) else tf.constant(v, dtype)
+        bounds = {k: K.cast(v(step), dtype) if callable(v) else K.convert_to_tensor(v, dtype)
                   for k, v in self.renorm_clipping.items()}
 
         def correction(mean, variance, broadcast):
@@ -625,8 +634,8 @@ BATCH_NORM_TYPES = (BatchNorm, keras.layers.BatchNormalization)
 def _vector(weight, dtype):
     """A weight in `dtype` as the (C,) vector the kernels take: a multi-axis
     layer's (d1, d2, ...) weights run row-major over its axes."""
-    v = tf.cast(weight, dtype)
-    return v if v.shape.rank == 1 else tf.reshape(v, [-1])
+    v = K.cast(weight, dtype)
+    return v if len(v.shape) == 1 else K.reshape(v, [-1])
 
 
 def _sqrt_of(initializer):
@@ -637,7 +646,7 @@ def _sqrt_of(initializer):
     them; the first update brings epsilon in.
     """
     def initialize(shape, dtype=None):
-        return tf.sqrt(initializer(shape, dtype=dtype))
+        return K.sqrt(initializer(shape, dtype=dtype))
     return initialize
 
 

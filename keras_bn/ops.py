@@ -3,22 +3,48 @@
 Statistics, merging them across parts, the normalization itself, the
 moving-average rule, batch renormalization's stddev and correction, and
 the training adjustment folded into gamma and beta. Nothing here owns a
-variable or reads the device, the replica or XLA: the kernels
-(`fused_kernel`, `tf_ops_kernel`) and the layer call these, and every
-formula lives here once.
+variable or reads the device, the replica or XLA: the kernels and the
+layer call these, and every formula lives here once.
+
+Written in `keras.ops`, so that every Keras backend runs the same
+formulas; on TensorFlow each op is the TensorFlow op it wraps, and the
+TensorFlow kernels (`keras_bn.backend.tensorflow`) use them as they are.
 """
 
 import collections
 
-import tensorflow as tf
+import keras
+import numpy as np
 
-_HALF_DTYPES = (tf.float16, tf.bfloat16)
+from keras import ops as K
+
+_HALF_DTYPES = ("float16", "bfloat16")
 
 
 def statistics_dtype(dtype):
-    """float32 for half-precision inputs (their sums overflow), else `dtype`."""
-    dtype = tf.as_dtype(dtype)
-    return tf.float32 if dtype in _HALF_DTYPES else dtype
+    """float32 for half-precision inputs (their sums overflow), else `dtype`;
+    a dtype name."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in _HALF_DTYPES else dtype
+
+
+def static_value(t):
+    """`t` as a NumPy array where it is known when tracing, else None.
+
+    Each backend has its own notion: TensorFlow folds constants in a graph
+    (tf.get_static_value), JAX's tracers have no value under jit, and a
+    Python number or NumPy array is always known.
+    """
+    if isinstance(t, (int, float, np.ndarray, np.generic)):
+        return np.asarray(t)
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.get_static_value(t)
+    try:
+        return np.asarray(K.convert_to_numpy(t))
+    except Exception:  # a tracer (JAX under jit)
+        return None
 
 
 def axes_of(axis):
@@ -31,7 +57,8 @@ def sizes_on(x, axis):
     what `per_channel` needs; None for a single axis, which doesn't."""
     if isinstance(axis, int):
         return None
-    return [tf.shape(x)[a] if x.shape[a] is None else x.shape[a] for a in axis]
+    shape = K.shape(x)
+    return [shape[a] for a in axis]
 
 
 def per_channel(v, rank, axis, sizes=None):
@@ -47,7 +74,7 @@ def per_channel(v, rank, axis, sizes=None):
     shape = [1] * rank
     for a, size in zip(axes, sizes or [-1]):
         shape[a] = size
-    return tf.reshape(v, shape)
+    return K.reshape(v, shape)
 
 
 def staged(reduce, x, axes):
@@ -64,12 +91,12 @@ def staged(reduce, x, axes):
 
 
 def _mean(x, axes):
-    return staged(tf.reduce_mean, x, axes)
+    return staged(K.mean, x, axes)
 
 
 def _plain_two_pass(x, axes):
     mean = _mean(x, axes)
-    return mean, _mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
+    return mean, _mean(K.square(x - mean), axes)
 
 
 # A single reduced axis at least this long, and divisible by the stage,
@@ -88,20 +115,21 @@ def staged_moments(x, axes):
     float32 mean of data at 1e6 is off by up to 0.03 (half its last
     place). `moments_about` serves the other batches.
     """
-    rank = x.shape.rank
+    rank = len(x.shape)
     view, view_axes = x, list(axes)
     if len(axes) == 1:
         a = axes[0]
         n = x.shape[a]
         if n is None or n < _MIN_STAGED or n % _STAGE:
             return _plain_two_pass(x, axes)
-        shape = tf.concat([tf.shape(x)[:a], [n // _STAGE, _STAGE], tf.shape(x)[a + 1:]], 0)
-        view, view_axes = tf.reshape(x, shape), [a, a + 1]
+        # Unknown sizes (TensorFlow's dynamic batch) come as scalar tensors.
+        shape = list(K.shape(x))
+        view, view_axes = K.reshape(x, shape[:a] + [n // _STAGE, _STAGE] + shape[a + 1:]), [a, a + 1]
     mean, variance = _plain_two_pass(view, view_axes)
     if view is not x:
-        shape = tf.shape(x)
-        keep = tf.stack([1 if i in axes else shape[i] for i in range(rank)])
-        mean, variance = tf.reshape(mean, keep), tf.reshape(variance, keep)
+        shape = K.shape(x)
+        keep = [1 if i in axes else shape[i] for i in range(rank)]
+        mean, variance = K.reshape(mean, keep), K.reshape(variance, keep)
     return mean, variance
 
 
@@ -115,7 +143,7 @@ def offset_dominated(mean, variance):
     deviations: the channels whose statistics need the data shifted
     towards zero first (`moments_about`, and the fused kernel's guard).
     """
-    return tf.square(mean) > SHIFT_RATIO * variance
+    return K.square(mean) > SHIFT_RATIO * variance
 
 
 def moments_about(x, axes, shift):
@@ -139,11 +167,12 @@ def count_over(x, axes, dtype):
     """
     dims = [x.shape[i] for i in axes]
     if None not in dims:
-        count = 1
-        for d in dims:
-            count *= d
-        return tf.constant(count, dtype)
-    return tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
+        return K.convert_to_tensor(int(np.prod(dims, dtype=np.int64)), dtype)
+    shape = K.shape(x)
+    count = K.convert_to_tensor(1, dtype)
+    for i in axes:
+        count = count * K.cast(shape[i], dtype)
+    return count
 
 
 def moments(x, axis=-1):
@@ -159,22 +188,22 @@ def moments(x, axis=-1):
         (mean, variance), each of shape (C,): for several axes, C is the
         product of their sizes, row-major over them in increasing order.
     """
-    x = tf.convert_to_tensor(x)
-    rank = x.shape.rank
+    x = K.convert_to_tensor(x)
+    rank = len(x.shape)
     kept = {a % rank for a in axes_of(axis)}
-    x = tf.cast(x, statistics_dtype(x.dtype))
+    x = K.cast(x, statistics_dtype(x.dtype))
     axes = [i for i in range(rank) if i not in kept]
-    shift = tf.stop_gradient(staged_moments(x, axes)[0])
+    shift = K.stop_gradient(staged_moments(x, axes)[0])
     mean, variance = moments_about(x, axes, shift)
-    return tf.reshape(shift + mean, [-1]), tf.reshape(variance, [-1])
+    return K.reshape(shift + mean, [-1]), K.reshape(variance, [-1])
 
 
 def scale(*, variance, gamma, epsilon):
     """Per channel, gamma / sqrt(variance + epsilon): the factor batch norm
     multiplies the centred input by."""
-    # tf.constant, not tf.cast: a cast goes through float32 and would round
-    # epsilon for float64 statistics.
-    a = tf.math.rsqrt(variance + tf.constant(epsilon, variance.dtype))
+    # Converted straight to the variance's dtype: a cast goes through
+    # float32 and would round epsilon for float64 statistics.
+    a = K.rsqrt(variance + K.convert_to_tensor(epsilon, variance.dtype))
     return a if gamma is None else a * gamma
 
 
@@ -210,10 +239,10 @@ def affine(x, *, a, b, axis):
     in the statistics dtype and returned in x's: batch norm's inference
     form, multiply then add, the order converters fold into the layer
     before it."""
-    rank, sizes = x.shape.rank, sizes_on(x, axis)
-    y = (tf.cast(x, a.dtype) * per_channel(a, rank, axis, sizes)
+    rank, sizes = len(x.shape), sizes_on(x, axis)
+    y = (K.cast(x, a.dtype) * per_channel(a, rank, axis, sizes)
          + per_channel(b, rank, axis, sizes))
-    return tf.cast(y, x.dtype)
+    return K.cast(y, x.dtype)
 
 
 def normalize(x, *, mean, variance, gamma, beta, epsilon, axis):
@@ -226,12 +255,12 @@ def normalize(x, *, mean, variance, gamma, beta, epsilon, axis):
     more than that form, and one that converters don't fold.
     """
     a = scale(variance=variance, gamma=gamma, epsilon=epsilon)
-    rank, sizes = x.shape.rank, sizes_on(x, axis)
-    y = ((tf.cast(x, a.dtype) - per_channel(mean, rank, axis, sizes))
+    rank, sizes = len(x.shape), sizes_on(x, axis)
+    y = ((K.cast(x, a.dtype) - per_channel(mean, rank, axis, sizes))
          * per_channel(a, rank, axis, sizes))
     if beta is not None:
         y = y + per_channel(beta, rank, axis, sizes)
-    return tf.cast(y, x.dtype)
+    return K.cast(y, x.dtype)
 
 
 def weighted_moments(x, axes, weights):
@@ -244,15 +273,15 @@ def weighted_moments(x, axes, weights):
         variance 0 (divide_no_nan), which the bad-batch guard then refuses
         for the moving statistics.
     """
-    count = tf.reduce_sum(weights, axes, keepdims=True)
+    count = K.sum(weights, axes, keepdims=True)
 
     def weighted_mean(t):
-        return tf.math.divide_no_nan(tf.reduce_sum(weights * t, axes, keepdims=True), count)
+        return K.divide_no_nan(K.sum(weights * t, axes, keepdims=True), count)
 
-    shift = tf.stop_gradient(weighted_mean(x))
+    shift = K.stop_gradient(weighted_mean(x))
     shifted = x - shift
     mean = weighted_mean(shifted)
-    return count, shift, mean, weighted_mean(tf.math.squared_difference(shifted, mean))
+    return count, shift, mean, weighted_mean(K.square(shifted - mean))
 
 
 class BatchStats(collections.namedtuple("BatchStats", ["count", "mean", "variance"])):
@@ -276,10 +305,10 @@ def merge_moments(counts, means, variances):
         weighted by count: exact, and free of the E[x^2] - E[x]^2
         cancellation of summing raw squares.
     """
-    count = tf.reduce_sum(counts, 0)
-    mean = tf.math.divide_no_nan(tf.reduce_sum(counts * means, 0), count)
-    spread = variances + tf.square(means - mean)
-    variance = tf.math.divide_no_nan(tf.reduce_sum(counts * spread, 0), count)
+    count = K.sum(counts, 0)
+    mean = K.divide_no_nan(K.sum(counts * means, 0), count)
+    spread = variances + K.square(means - mean)
+    variance = K.divide_no_nan(K.sum(counts * spread, 0), count)
     return count, mean, variance
 
 
@@ -290,9 +319,9 @@ def pooled_moments(counts, means, variances):
     mean), which is what parts that normalize with their own statistics
     have seen.
     """
-    count = tf.reduce_sum(counts, 0)
-    mean = tf.math.divide_no_nan(tf.reduce_sum(counts * means, 0), count)
-    variance = tf.math.divide_no_nan(tf.reduce_sum(counts * variances, 0), count)
+    count = K.sum(counts, 0)
+    mean = K.divide_no_nan(K.sum(counts * means, 0), count)
+    variance = K.divide_no_nan(K.sum(counts * variances, 0), count)
     return count, mean, variance
 
 
@@ -309,7 +338,7 @@ def cumulative_momentum(batches_seen, dtype):
     """The momentum n / (n + 1) after n earlier batches, with which the
     moving average is the mean of all batch values so far (PyTorch's
     momentum=None): moving + (batch - moving) / (n + 1)."""
-    seen = tf.cast(batches_seen, dtype)
+    seen = K.cast(batches_seen, dtype)
     return seen / (seen + 1.0)
 
 
@@ -322,11 +351,11 @@ def unbiased_variance(variance, count):
 def is_usable(stats):
     """A scalar bool: the batch statistics are finite and come from at least
     one value per channel (what the moving statistics may follow)."""
-    finite = tf.reduce_all(tf.math.is_finite(tf.stack([stats.mean, stats.variance])))
-    count = tf.get_static_value(stats.count)
+    finite = K.all(K.isfinite(K.stack([stats.mean, stats.variance])))
+    count = static_value(stats.count)
     if count is not None and (count > 0).all():
         return finite  # known when tracing: no op to check it
-    return tf.logical_and(finite, tf.reduce_all(stats.count > 0))
+    return K.logical_and(finite, K.all(stats.count > 0))
 
 
 def moving_target(stats, *, unbiased=False, guard=True):
@@ -340,30 +369,30 @@ def moving_target(stats, *, unbiased=False, guard=True):
     """
     variance = unbiased_variance(stats.variance, stats.count) if unbiased else stats.variance
     if not guard:
-        return stats.mean, variance, tf.constant(True)
+        return stats.mean, variance, K.convert_to_tensor(True)
     return stats.mean, variance, is_usable(BatchStats(stats.count, stats.mean, variance))
 
 
 def kept_unless(accepted, old, new):
     """`new` where the batch is accepted, else `old` to the bit.
 
-    tf.where rather than tf.cond: one trace, and the refused value is the
-    old tensor itself, not a recomputation of it.
+    A select rather than a conditional: one trace, and the refused value is
+    the old tensor itself, not a recomputation of it.
     """
-    return tf.where(accepted, new, old)
+    return K.where(accepted, new, old)
 
 
 def stddev_of(*, variance, epsilon):
     """sqrt(variance + epsilon): the standard deviation batch norm divides
     by, which batch renormalization keeps moving averages of."""
-    return tf.sqrt(variance + epsilon)
+    return K.sqrt(variance + epsilon)
 
 
 def variance_of(*, stddev, epsilon):
     """stddev**2 - epsilon, the inverse of `stddev_of`, floored at 0: a
     moving stddev starts as the square root of the initial variance, without
     epsilon (Keras's), so its square may lie below epsilon."""
-    return tf.nn.relu(tf.square(stddev) - epsilon)
+    return K.relu(K.square(stddev) - epsilon)
 
 
 def renorm_correction(*, mean, variance, renorm_mean, renorm_stddev, epsilon, bounds):
@@ -375,14 +404,14 @@ def renorm_correction(*, mean, variance, renorm_mean, renorm_stddev, epsilon, bo
     smallest a batch stddev can be, since early in training it may be tiny.
     The caller treats both as constants for the gradient.
     """
-    epsilon = tf.constant(epsilon, variance.dtype)
-    renorm_stddev = tf.maximum(renorm_stddev, tf.sqrt(epsilon))
+    epsilon = K.convert_to_tensor(epsilon, variance.dtype)
+    renorm_stddev = K.maximum(renorm_stddev, K.sqrt(epsilon))
     r = stddev_of(variance=variance, epsilon=epsilon) / renorm_stddev
     d = (mean - renorm_mean) / renorm_stddev
     if "rmin" in bounds:
-        r = tf.maximum(r, bounds["rmin"])
+        r = K.maximum(r, bounds["rmin"])
     if "rmax" in bounds:
-        r = tf.minimum(r, bounds["rmax"])
+        r = K.minimum(r, bounds["rmax"])
     if "dmax" in bounds:
-        d = tf.clip_by_value(d, -bounds["dmax"], bounds["dmax"])
+        d = K.clip(d, -bounds["dmax"], bounds["dmax"])
     return r, d

@@ -1,29 +1,11 @@
-"""Each use of a private Keras or TensorFlow API, one helper apiece.
+"""Each use of a private Keras API, one helper apiece.
 
 No public API answers these questions; keeping every such use here means a
-Keras or TensorFlow upgrade that moves one breaks one function, not the
+Keras upgrade that moves one breaks one function, not the
 package, and each says what happens then.
 """
 
-import functools
-
 import keras
-import tensorflow as tf
-
-
-def in_xla_context():
-    """True while tracing a function compiled with XLA (jit_compile=True).
-
-    Reads TensorFlow's graph context; should that move, it answers False,
-    which only costs speed (dispatch then picks the non-XLA kernels).
-    """
-    try:
-        from tensorflow.python.ops import control_flow_util
-
-        graph = tf.compat.v1.get_default_graph()
-        return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
-    except Exception:  # pragma: no cover - depends on TF internals
-        return False
 
 
 def has_layer_graph(model):
@@ -58,18 +40,18 @@ def all_layers(model):
     return list(model._flatten_layers(include_self=True, recursive=True))
 
 
-@functools.cache
-def onednn_enabled():
-    """Whether TensorFlow runs its CPU ops through oneDNN in this process.
+def track_state(layer, variable):
+    """Makes `variable` part of `layer.variables` (so of the state Keras's
+    JAX trainer and `stateless_call` pass through a step) without making it
+    a weight (`get_weights`, saving).
 
-    TensorFlow decides once, at import, from TF_ENABLE_ONEDNN_OPTS or, unset, from
-    the CPU (on by default only with AVX-512 VNNI/BF16 or AMX); only its
-    private util port says what it decided. Should that move, the answer is
-    False: the Eigen CPU's kernel choices, which cost only speed.
+    Keras has that category only for random-seed state: `variables` lists
+    the `state` of each entry of `_seed_generators`, and nothing else reads
+    that list. Should it move, the variable is still updated where state is
+    not threaded (eager, TensorFlow, PyTorch), and under JAX's jit it keeps
+    its value.
     """
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except Exception:  # pragma: no cover - depends on TF internals
-        return False
+    holder = type("TrackedState", (), {"state": variable})()
+    seeds = getattr(layer, "_seed_generators", None)
+    if isinstance(seeds, list):
+        seeds.append(holder)

@@ -1,17 +1,45 @@
 import os
+import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-# Two logical CPU devices for the in-process MirroredStrategy tests; this
-# must happen before TensorFlow initializes its devices, i.e. here.
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+BACKEND = keras.config.backend()
+
+# The modules that run under every Keras backend; the others test
+# TensorFlow's kernels, tf.function, tf.distribute, SavedModels and TFLite,
+# and import TensorFlow, which the other backends' environments lack.
+EVERY_BACKEND = {"test_portable.py", "test_import.py"}
+
+
+def pytest_ignore_collect(collection_path, config):
+    if BACKEND == "tensorflow" or collection_path.suffix != ".py":
+        return None
+    name = pathlib.Path(collection_path).name
+    if name.startswith("test_") and name not in EVERY_BACKEND:
+        return True
+    return None
+
+
+def pytest_report_header(config):
+    if BACKEND != "tensorflow":
+        return [f"Keras backend {BACKEND}: only {sorted(EVERY_BACKEND)} run; the "
+                "other test modules are TensorFlow's (its kernels, graphs, "
+                "tf.distribute, SavedModels) and are not collected."]
+    return [f"Keras backend {BACKEND}"]
+
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    # Two logical CPU devices for the in-process MirroredStrategy tests; this
+    # must happen before TensorFlow initializes its devices, i.e. here.
+    _cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +55,7 @@ def _float32_policy_and_seed():
 def both_paths(request, monkeypatch):
     """Runs a test once on each path: TensorFlow's fused kernel wherever it
     can serve (whatever the speed heuristic would pick), and plain TF ops."""
-    from keras_bn import dispatch
+    from keras_bn.backend.tensorflow import dispatch
 
     monkeypatch.setattr(dispatch, "fused_is_faster",
                         lambda *args: (request.param == "kernel", "both_paths"))

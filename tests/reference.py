@@ -2,7 +2,6 @@
 formula and sharing no code with keras_bn, and small shared test helpers."""
 
 import numpy as np
-import tensorflow as tf
 
 
 def np_batch_norm(
@@ -46,6 +45,8 @@ def random_params(channels, seed=0):
 def train_step_gradients(layer, x, dy, jit_compile=False):
     """Gradients of a training-mode call w.r.t. x, gamma and beta for the
     upstream gradient `dy`, eagerly or in an XLA-compiled function."""
+    import tensorflow as tf
+
     def step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -59,6 +60,8 @@ def penalty_gradient(f, x, v, sources):
     """d/d(sources) of |d(sum(f(x) * v))/dx|^2, by nested tapes: a gradient
     penalty's gradient, or twice a Hessian-vector product. `sources` are
     tensors or tf.Variables (x among them, or not)."""
+    import tensorflow as tf
+
     with tf.GradientTape() as outer:
         outer.watch(sources)
         with tf.GradientTape() as inner:

@@ -141,7 +141,7 @@ def test_inference_after_a_depthwise_conv_is_a_scaled_filter_and_a_bias():
     # No batch-norm op and no full-size multiply remain: the normalization
     # is the convolution's filter times a and a BiasAdd, which oneDNN fuses
     # with the ReLU6 into the convolution.
-    from keras_bn import private_api
+    from keras_bn.backend.tensorflow import private_api as tf_private_api
 
     model = _depthwise_bn_relu6()
     x = tf.constant(np.random.RandomState(0).normal(size=(2, 7, 7, 4)), tf.float32)
@@ -149,7 +149,7 @@ def test_inference_after_a_depthwise_conv_is_a_scaled_filter_and_a_bias():
     assert "FusedBatchNormV3" not in types and "_MklNativeFusedBatchNormV3" not in types, types
     convs = [t for t in types if "Depthwise" in t]
     assert len(convs) == 1, types
-    if private_api.onednn_enabled():
+    if tf_private_api.onednn_enabled():
         assert convs[0].endswith("FusedDepthwiseConv2dNative[BiasAdd,Relu6]"), types
     else:
         assert convs[0] == "DepthwiseConv2dNative" and "BiasAdd" in types, types
@@ -191,7 +191,7 @@ def test_depthwise_fold_second_derivatives_are_exact():
 def test_training_and_other_producers_are_left_alone():
     # Training normalizes with the batch's statistics: nothing to fold. A
     # batch norm whose input is not a convolution's output keeps its route.
-    from keras_bn import dispatch
+    from keras_bn.backend.tensorflow import dispatch
 
     routes = []
 

@@ -4,7 +4,7 @@ data. (The graphs each choice builds are checked in test_fused_kernel.py.)"""
 import pytest
 import tensorflow as tf
 
-from keras_bn import dispatch
+from keras_bn.backend.tensorflow import dispatch
 
 cpu_only = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
                               reason="the CPU's choices")
@@ -181,7 +181,7 @@ def test_cpu_kind_follows_tensorflow_onednn_setting(setting, kind):
 
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
-        [sys.executable, "-c", "from keras_bn import dispatch; print(dispatch.cpu_kind())"],
+        [sys.executable, "-c", "from keras_bn.backend.tensorflow import dispatch; print(dispatch.cpu_kind())"],
         capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == kind

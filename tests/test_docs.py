@@ -2,8 +2,9 @@
 
 The blocks of one file run in order in one fresh process (a later block
 may use what an earlier one defined), in a temporary directory (they write
-model files), on the CPU. A file whose code needs PyTorch is skipped where
-torch is not installed.
+model files), on the CPU. A file whose code needs PyTorch or JAX is skipped
+where that is not installed (tests/test_portable.py runs docs/backends.md
+under JAX).
 
 Every relative link of the project's markdown files reaches a file, and a
 heading of it where the link names an anchor; CHANGELOG.md's newest version
@@ -48,9 +49,10 @@ def test_every_python_block_is_found():
                          ids=lambda p: os.path.relpath(p, ROOT))
 def test_code_blocks_run_as_written(path, tmp_path):
     blocks = python_blocks(path)
-    if any(re.search(r"^import torch", b, re.M) for b in blocks):
-        if importlib.util.find_spec("torch") is None:
-            pytest.skip("needs PyTorch, which is not installed")
+    for package, name in (("torch", "PyTorch"), ("jax", "JAX")):
+        if any(re.search(rf"^import {package}", b, re.M) for b in blocks):
+            if importlib.util.find_spec(package) is None:
+                pytest.skip(f"needs {name}, which is not installed")
     script = "\n\n".join(blocks)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from keras_bn import BatchNorm
 from keras_bn import batch_norm
-from keras_bn import fused_kernel as fused
+from keras_bn.backend.tensorflow import fused_kernel as fused
 from keras_bn import ops
 from tests.reference import np_batch_norm
 from tests.reference import random_params
@@ -30,7 +30,7 @@ def _kernel_at_any_size(monkeypatch):
     """These tests are about what the kernel computes and which graphs it
     builds, on tiny tensors; the size rule that would send those to TF ops
     is tests/test_dispatch.py's."""
-    from keras_bn import dispatch
+    from keras_bn.backend.tensorflow import dispatch
 
     monkeypatch.setattr(dispatch, "FUSED_FROM", dict.fromkeys(dispatch.FUSED_FROM, 0))
     monkeypatch.setattr(dispatch, "DENSE_TF_OPS", set())

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import keras_bn
 from keras_bn import BatchNorm
-from keras_bn import dispatch
+from keras_bn.backend.tensorflow import dispatch
 from tests.reference import penalty_gradient
 
 # float32 statistics and outputs of O(1) values: a few ulps.

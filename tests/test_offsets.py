@@ -260,7 +260,7 @@ def test_inference_exact_at_1e4_in_a_graph_channels_last_4d():
 
 @pytest.mark.parametrize("kind", ["Conv2D", "DepthwiseConv2D"])
 def test_inference_after_a_convolution_with_a_large_bias_is_exact(kind):
-    # In a graph the batch norm joins the convolution (keras_bn.conv_fold)
+    # In a graph the batch norm joins the convolution (keras_bn.backend.tensorflow.conv_fold)
     # and sees its output before the bias: exact against float64 even
     # where the float32 conv output itself (at 1e4) is not.
     keras.utils.set_random_seed(0)

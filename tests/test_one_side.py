@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_bn import one_side
+from keras_bn.backend.tensorflow import one_side
 
 
 def _failing(x, zero):

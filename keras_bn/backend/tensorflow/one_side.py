@@ -5,7 +5,7 @@ far from zero).
 
 import tensorflow as tf
 
-from keras_bn import private_api
+from keras_bn.backend.tensorflow import private_api
 
 
 def in_plain_graph():

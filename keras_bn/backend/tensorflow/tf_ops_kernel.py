@@ -8,8 +8,8 @@ pass is written by hand and is itself differentiable, to any order.
 
 import tensorflow as tf
 
-from keras_bn import distributed
-from keras_bn import one_side
+from keras_bn.backend.tensorflow import distributed
+from keras_bn.backend.tensorflow import one_side
 from keras_bn import ops
 
 

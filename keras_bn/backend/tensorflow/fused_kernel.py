@@ -11,10 +11,10 @@ neighbouring axes; other sets of axes take the TF-ops kernel.
 
 import tensorflow as tf
 
-from keras_bn import conv_fold
-from keras_bn import one_side
+from keras_bn.backend.tensorflow import conv_fold
+from keras_bn.backend.tensorflow import one_side
 from keras_bn import ops
-from keras_bn import private_api
+from keras_bn.backend.tensorflow import private_api
 
 KERNEL_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 

@@ -1,0 +1,170 @@
+"""The keras.ops kernel: batch norm for the backends without TensorFlow's
+kernels (JAX, PyTorch).
+
+One route: the statistics and the normalization from `keras_bn.ops`, and
+the gradient from the backend's own autodiff of them. Nothing here writes
+a custom gradient, so every order is exact, forward mode included
+(`jax.jvp`, `jax.hessian`), and XLA (JAX) fuses the passes as it does
+Keras's own layer.
+"""
+
+import collections
+
+import keras
+
+from keras import ops as K
+
+from keras_bn import ops
+
+KERAS_OPS = "keras_ops"
+
+Route = collections.namedtuple("Route", ["kernel", "reason"])
+
+
+def route(x, axis, epsilon, *, training, fused=None, features=None, caller="batch_norm"):
+    """The kernel a call takes, and why: always this one here (fused=True
+    was refused where it entered, `checks.fused`)."""
+    return Route(KERAS_OPS, f"the {keras.config.backend()} backend: keras.ops, "
+                            "differentiated by the backend's autodiff")
+
+
+def _moments(xs, axes, weights):
+    """keepdims (count, mean, variance) of xs over `axes`, exact at any
+    offset: shifted by a first mean (or, with weights, a first weighted
+    mean) that carries no gradient; see `ops.moments_about`."""
+    if weights is not None:
+        count, shift, mean, variance = ops.weighted_moments(xs, axes, weights)
+        return count, shift + mean, variance
+    shift = K.stop_gradient(ops.staged_moments(xs, axes)[0])
+    mean, variance = ops.moments_about(xs, axes, shift)
+    count = K.ones_like(mean) * ops.count_over(xs, axes, mean.dtype)
+    return count, shift + mean, variance
+
+
+def data_parallel_replicas():
+    """How many devices share the batch axis under the Keras distribution in
+    effect (`keras.distribution.DataParallel`, or ModelParallel's batch
+    dimension): 1 without one."""
+    distribution = keras.distribution.distribution()
+    mesh = getattr(distribution, "device_mesh", None)
+    name = getattr(distribution, "batch_dim_name", None)
+    if mesh is None or name not in mesh.axis_names:
+        return 1
+    return int(dict(zip(mesh.axis_names, mesh.shape))[name])
+
+
+def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
+          virtual_batch_size=None, mask=None, correction=None, adjustment=None,
+          caller="batch_norm"):
+    """Training-mode normalization with batch statistics; no moving update.
+
+    Arguments as in the TensorFlow backend's `dispatch.train`. Under a Keras
+    distribution (JAX's) the batch is one global array across devices, each
+    holding a consecutive share: `synchronized=True` takes the global
+    batch's statistics, and False each share's own, as TensorFlow's
+    replicas do, by the ghost-batch grouping with one group per share (the
+    moving statistics then follow their average, the same everywhere). A
+    user's ghost batches, which divide each share, need nothing more.
+
+    Returns:
+        (y, BatchStats), the statistics carrying no gradient.
+    """
+    route(x, axis, epsilon, training=True, fused=fused, caller=caller)
+    replicas = data_parallel_replicas()
+    batch = x.shape[0]
+    if (not synchronized and virtual_batch_size is None and replicas > 1
+            and batch is not None and batch % replicas == 0 and 0 not in ops.axes_of(axis)):
+        virtual_batch_size = batch // replicas
+    stat_dtype = ops.statistics_dtype(x.dtype)
+    if adjustment is not None:
+        gamma, beta = ops.adjusted_gamma_and_beta(
+            gamma=gamma, beta=beta, adjust_scale=adjustment[0], adjust_bias=adjustment[1])
+    rank = len(x.shape)
+    channel_axes, sizes = ops.axes_of(axis), ops.sizes_on(x, axis)
+    xs = K.cast(x, stat_dtype)
+    weights = None
+    if mask is not None:
+        weights = K.broadcast_to(K.cast(mask, stat_dtype), K.shape(x))
+    if virtual_batch_size is not None:
+        # [N, ...] -> [G, v, ...]: sub-batch g holds examples g*v .. g*v+v-1.
+        ghost = [-1, virtual_batch_size, *K.shape(x)[1:]]
+        xs = K.reshape(xs, ghost)
+        weights = None if weights is None else K.reshape(weights, ghost)
+        channel_axes = tuple(a + 1 for a in channel_axes)
+        kept = {0, *channel_axes}
+        rank += 1
+    else:
+        kept = set(channel_axes)
+    axes = [i for i in range(rank) if i not in kept]
+    count, mean, variance = _moments(xs, axes, weights)
+
+    def broadcast(v):
+        return ops.per_channel(v, rank, channel_axes, sizes)
+
+    inv = K.rsqrt(variance + K.convert_to_tensor(epsilon, stat_dtype))
+    scale, offset = inv, None
+    if correction is not None:
+        r, d = (K.stop_gradient(t) for t in correction(mean, variance, broadcast))
+        scale, offset = inv * r, d
+    if gamma is not None:
+        g = broadcast(gamma)
+        scale = scale * g
+        offset = None if offset is None else offset * g
+    if beta is not None:
+        b = broadcast(beta)
+        offset = b if offset is None else offset + b
+    # Centred first, as in `ops.normalize`: x * a + b would lose digits to
+    # a large offset.
+    y = (xs - mean) * scale
+    if offset is not None:
+        y = y + offset
+    y = K.cast(K.reshape(y, K.shape(x)), x.dtype)
+
+    def to_vector(t, reduce):
+        if virtual_batch_size is not None:
+            # Moving statistics follow the mean over sub-batches.
+            t = reduce(t, 0, keepdims=True)
+        return K.stop_gradient(K.reshape(t, [-1]))
+
+    return y, ops.BatchStats(to_vector(count, K.sum), to_vector(mean, K.mean),
+                             to_vector(variance, K.mean))
+
+
+def infer(x, *, mean, variance, gamma, beta, epsilon, axis, fused=None, caller="batch_norm"):
+    """Inference-mode normalization with the given (C,) statistics, centred
+    first (`ops.normalize`)."""
+    route(x, axis, epsilon, training=False, fused=fused, caller=caller)
+    return ops.normalize(x, mean=mean, variance=variance, gamma=gamma, beta=beta,
+                         epsilon=epsilon, axis=axis)
+
+
+def after(y, update):
+    """Runs `update()` once y is computed: eager backends and jit-traced
+    code keep program order, so plainly."""
+    update()
+    return y
+
+
+def cond(pred, if_true, if_false):
+    return K.cond(pred, if_true, if_false)
+
+
+def dynamic_shape(x):
+    """The input's shape as a 1-D int32 tensor (tf_keras's `tf.shape`)."""
+    return K.convert_to_tensor(list(K.shape(x)), "int32")
+
+
+def concrete_bool(value):
+    """A scalar bool tensor's value where known (eager), else None (traced)."""
+    known = ops.static_value(value)
+    return None if known is None else bool(known)
+
+
+def dense_input(inputs, caller):
+    """Ragged and sparse inputs are TensorFlow's; nothing to refuse here."""
+    return inputs
+
+
+def runtime_equal(x, actual, expected, message):
+    """Shapes are known when tracing on these backends: never reached."""
+    raise ValueError(message)
