@@ -33,6 +33,7 @@ inherits its parent's resident size in `ru_maxrss`.
     python benchmarks/bench_models.py --models ResNet50 --policies float32
     python benchmarks/bench_models.py --quick              # a smoke run
     python benchmarks/bench_models.py --json out.json
+    KERAS_BACKEND=jax python benchmarks/bench_models.py ...   # or torch: that backend's layers
 """
 
 import argparse
@@ -110,13 +111,14 @@ def _without_batch_norm(args):
 
 
 def _data(args):
+    import keras
     import numpy as np
-    import tensorflow as tf
 
     rng = np.random.RandomState(0)
     x = rng.normal(0.0, 1.0, (args.batch, args.size, args.size, 3))
     y = rng.randint(0, args.classes, args.batch)
-    return tf.constant(x, tf.float32), tf.constant(y, tf.int32)
+    return (keras.ops.convert_to_tensor(x, "float32"),
+            keras.ops.convert_to_tensor(y, "int32"))
 
 
 def interleaved(calls, repeats):
@@ -133,16 +135,22 @@ def interleaved(calls, repeats):
 
 def child_steady(args):
     """Train-step and predict times of both kinds, in this one process."""
+    import keras
     import numpy as np
 
-    from bench_layers import environment
+    # Each backend's record of the machine and versions.
+    if keras.config.backend() == "tensorflow":
+        from bench_layers import environment
+    else:
+        from bench_backends import environment
 
     models = {kind: _build(args, kind)[0] for kind in KINDS}
     x, y = _data(args)
     outputs = {kind: model.predict_on_batch(x) for kind, model in models.items()}
     if args.floor:
         models["no_batch_norm"] = _without_batch_norm(args)
-    difference = float(np.max(np.abs(outputs["keras"] - outputs["keras_bn"])))
+    difference = float(np.max(np.abs(keras.ops.convert_to_numpy(outputs["keras"])
+                                     - keras.ops.convert_to_numpy(outputs["keras_bn"]))))
     for model in models.values():
         for _ in range(args.warmup):
             model.train_on_batch(x, y)

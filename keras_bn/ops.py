@@ -138,6 +138,12 @@ def staged_moments(x, axes):
 SHIFT_RATIO = 1e2
 
 
+# The fewest values per channel a kernel's guard samples (the batch's first
+# rows) to tell whether a channel is offset-dominated: enough to place its
+# mean within a fraction of a standard deviation.
+SHIFT_SAMPLE = 64
+
+
 def offset_dominated(mean, variance):
     """Per channel, whether the mean exceeds sqrt(SHIFT_RATIO) standard
     deviations: the channels whose statistics need the data shifted
@@ -157,6 +163,38 @@ def moments_about(x, axes, shift):
     needs no correction. The mean of x is `shift + mean`.
     """
     return staged_moments(x - shift, axes)
+
+
+def sample_shift(x, axes):
+    """Per channel, keepdims and carrying no gradient: the mean of x's first
+    entries along the first of `axes` (at least SHIFT_SAMPLE values per
+    channel), a slice rather than a pass over the batch. A shift for
+    `shifted_moments`: within a fraction of a standard deviation of the
+    batch mean for any offset."""
+    a = axes[0]
+    per_entry = 1
+    for i in axes[1:]:
+        per_entry *= x.shape[i] if x.shape[i] is not None else 1
+    rows = -(-SHIFT_SAMPLE // max(1, per_entry))
+    sample = x[(slice(None),) * a + (slice(0, rows),)]
+    return K.stop_gradient(K.mean(sample, axis=axes, keepdims=True))
+
+
+def shifted_moments(x, axes, shift):
+    """Keepdims (mean of x - shift, variance of x) over `axes` in one pass:
+    the sums of d = x - shift and of d^2 side by side (which XLA fuses into
+    one read of x), in stages, and variance = mean(d^2) - mean(d)^2,
+    floored at 0.
+
+    With the shift near the data (`sample_shift`) mean(d) is small, and
+    the difference of the two loses little (a relative error of about
+    float32's epsilon times 1 + mean(d)^2 / variance); d itself is exact for
+    values near the shift (Sterbenz), so no offset costs digits. Its
+    derivative, to any order, is the variance's.
+    """
+    d = x - shift
+    mean = staged(K.mean, d, axes)
+    return mean, K.relu(staged(K.mean, K.square(d), axes) - K.square(mean))
 
 
 def count_over(x, axes, dtype):

@@ -12,23 +12,27 @@ BACKEND = keras.config.backend()
 # The modules that run under every Keras backend; the others test
 # TensorFlow's kernels, tf.function, tf.distribute, SavedModels and TFLite,
 # and import TensorFlow, which the other backends' environments lack.
-EVERY_BACKEND = {"test_portable.py", "test_import.py"}
+EVERY_BACKEND = {"test_portable.py", "test_import.py", "test_torch_native.py"}
 
 
-def pytest_ignore_collect(collection_path, config):
-    if BACKEND == "tensorflow" or collection_path.suffix != ".py":
-        return None
-    name = pathlib.Path(collection_path).name
-    if name.startswith("test_") and name not in EVERY_BACKEND:
-        return True
+class _TensorFlowOnly(pytest.Module):
+    """A TensorFlow module under another backend: reported as skipped, with
+    the reason, without importing it (it imports TensorFlow)."""
+
+    def _getobj(self):
+        pytest.skip(f"TensorFlow-only (its kernels, tf.function, tf.distribute, "
+                    f"SavedModels, TFLite); the Keras backend is {BACKEND}",
+                    allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    name = pathlib.Path(module_path).name
+    if BACKEND != "tensorflow" and name.startswith("test_") and name not in EVERY_BACKEND:
+        return _TensorFlowOnly.from_parent(parent, path=module_path)
     return None
 
 
 def pytest_report_header(config):
-    if BACKEND != "tensorflow":
-        return [f"Keras backend {BACKEND}: only {sorted(EVERY_BACKEND)} run; the "
-                "other test modules are TensorFlow's (its kernels, graphs, "
-                "tf.distribute, SavedModels) and are not collected."]
     return [f"Keras backend {BACKEND}"]
 
 

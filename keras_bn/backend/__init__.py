@@ -1,10 +1,9 @@
-"""What differs per Keras backend, behind one set of names.
-
-`kernels` has `route`, `train` and `infer`: on TensorFlow the fused and
-TF-ops kernels and the choice between them (`backend.tensorflow.dispatch`);
-on JAX and PyTorch the keras.ops kernel (`backend.portable`). The other
-names are the few backend questions the layer and the checks ask. Keras
-picks its backend once, at its first import, and so does this module.
+"""What differs per Keras backend, behind one set of names: the few
+questions the layer and the checks ask of a backend (graph ordering, a
+symbolic flag, dynamic shapes, ragged and sparse inputs, checks at run
+time, the counters' dtype). The kernels are reached through
+`keras_bn.dispatch`, which imports this backend's. Keras picks its backend
+once, at its first import, and so does this module.
 """
 
 import keras
@@ -13,10 +12,8 @@ NAME = keras.config.backend()
 
 if NAME == "tensorflow":
     from keras_bn.backend.tensorflow import core as _core
-    from keras_bn.backend.tensorflow import dispatch as kernels
 else:
     from keras_bn.backend import portable as _core
-    from keras_bn.backend import portable as kernels
 
 after = _core.after
 cond = _core.cond
@@ -25,8 +22,8 @@ concrete_bool = _core.concrete_bool
 dense_input = _core.dense_input
 runtime_equal = _core.runtime_equal
 
-__all__ = ["NAME", "kernels", "after", "cond", "dynamic_shape", "concrete_bool",
-           "dense_input", "runtime_equal"]
+__all__ = ["NAME", "after", "cond", "dynamic_shape", "concrete_bool", "dense_input",
+           "runtime_equal", "counter_dtype"]
 
 
 def counter_dtype():

@@ -29,16 +29,16 @@ def route(x, axis, epsilon, *, training, fused=None, features=None, caller="batc
 
 
 def _moments(xs, axes, weights):
-    """keepdims (count, mean, variance) of xs over `axes`, exact at any
-    offset: shifted by a first mean (or, with weights, a first weighted
-    mean) that carries no gradient; see `ops.moments_about`."""
+    """keepdims (count, shift, mean relative to the shift, variance) of xs
+    over `axes`, exact at any offset: the shift is a sample mean
+    (`ops.sample_shift`; with weights, a first weighted mean) carrying no
+    gradient, and the sums run over xs - shift (`ops.shifted_moments`)."""
     if weights is not None:
-        count, shift, mean, variance = ops.weighted_moments(xs, axes, weights)
-        return count, shift + mean, variance
-    shift = K.stop_gradient(ops.staged_moments(xs, axes)[0])
-    mean, variance = ops.moments_about(xs, axes, shift)
+        return ops.weighted_moments(xs, axes, weights)
+    shift = ops.sample_shift(xs, axes)
+    mean, variance = ops.shifted_moments(xs, axes, shift)
     count = K.ones_like(mean) * ops.count_over(xs, axes, mean.dtype)
-    return count, shift + mean, variance
+    return count, shift, mean, variance
 
 
 def data_parallel_replicas():
@@ -53,9 +53,30 @@ def data_parallel_replicas():
     return int(dict(zip(mesh.axis_names, mesh.shape))[name])
 
 
+def _merged(count, shift, relative, variance, all_sum):
+    """The keepdims statistics of the union of every process's batch, from
+    each one's (count, shift, relative mean, variance), by two all-sums of a
+    few (C,) rows: first a common shift (the count-weighted mean of the
+    shifts), then the counts, and the sums of the values and of their
+    squares relative to it. Every term is small where the shifts lie near
+    the data, so nothing cancels; a process with no values adds zeros."""
+    has = count > 0
+    zero = K.zeros_like(relative)
+    first = all_sum(K.stack([count * K.where(has, shift, zero), count]))
+    total = first[1]
+    common = K.stop_gradient(K.divide_no_nan(first[0], total))
+    relative = (shift - common) + relative
+    sums = all_sum(K.stack([
+        count * K.where(has, relative, zero),
+        count * K.where(has, variance + K.square(relative), zero)]))
+    mean = K.divide_no_nan(sums[0], total)
+    variance = K.relu(K.divide_no_nan(sums[1], total) - K.square(mean))
+    return total, common, mean, variance
+
+
 def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
           virtual_batch_size=None, mask=None, correction=None, adjustment=None,
-          caller="batch_norm"):
+          caller="batch_norm", all_sum=None):
     """Training-mode normalization with batch statistics; no moving update.
 
     Arguments as in the TensorFlow backend's `dispatch.train`. Under a Keras
@@ -65,6 +86,10 @@ def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
     replicas do, by the ghost-batch grouping with one group per share (the
     moving statistics then follow their average, the same everywhere). A
     user's ghost batches, which divide each share, need nothing more.
+
+    `all_sum`: where given (PyTorch's process group), `synchronized=True`
+    merges every process's statistics with it (`_merged`); the output and
+    the gradient then see the global batch.
 
     Returns:
         (y, BatchStats), the statistics carrying no gradient.
@@ -96,7 +121,13 @@ def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
     else:
         kept = set(channel_axes)
     axes = [i for i in range(rank) if i not in kept]
-    count, mean, variance = _moments(xs, axes, weights)
+    count, shift, relative, variance = _moments(xs, axes, weights)
+    if synchronized and all_sum is not None:
+        count, shift, relative, variance = _merged(count, shift, relative, variance, all_sum)
+    # The statistics; the output is formed from xs - shift (exact for data
+    # near it) and the small relative mean, not from this mean, which in
+    # float32 at 1e6 is itself off by up to 0.03.
+    mean = shift + relative
 
     def broadcast(v):
         return ops.per_channel(v, rank, channel_axes, sizes)
@@ -115,19 +146,19 @@ def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
         offset = b if offset is None else offset + b
     # Centred first, as in `ops.normalize`: x * a + b would lose digits to
     # a large offset.
-    y = (xs - mean) * scale
+    y = ((xs - shift) - relative) * scale
     if offset is not None:
         y = y + offset
     y = K.cast(K.reshape(y, K.shape(x)), x.dtype)
 
-    def to_vector(t, reduce):
+    def to_vector(t):
         if virtual_batch_size is not None:
-            # Moving statistics follow the mean over sub-batches.
-            t = reduce(t, 0, keepdims=True)
+            # Moving statistics follow the mean over sub-batches, and the
+            # count is a sub-batch's (what n / (n - 1) needs).
+            t = K.mean(t, 0, keepdims=True)
         return K.stop_gradient(K.reshape(t, [-1]))
 
-    return y, ops.BatchStats(to_vector(count, K.sum), to_vector(mean, K.mean),
-                             to_vector(variance, K.mean))
+    return y, ops.BatchStats(to_vector(count), to_vector(mean), to_vector(variance))
 
 
 def infer(x, *, mean, variance, gamma, beta, epsilon, axis, fused=None, caller="batch_norm"):

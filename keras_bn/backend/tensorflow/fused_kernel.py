@@ -109,9 +109,10 @@ def _filled(view, data_format, *, gamma, beta):
 # below that it stays at the 2e-5 relative error it has for centred data.
 # Batch norm doesn't change under a per-channel shift, so a channel whose
 # values lie far from zero is shifted towards them before the kernel sees
-# it. Where they lie comes from a sample of at least this many values per
-# channel: the batch's first rows (a slice, no pass over the batch).
-SHIFT_SAMPLE = 64
+# it. Where they lie comes from a sample of at least ops.SHIFT_SAMPLE values
+# per channel: the batch's first rows (a slice, no pass over the batch).
+SHIFT_SAMPLE = ops.SHIFT_SAMPLE
+
 def _channel_axis(data_format):
     """The channel axis of a kernel view in `data_format`."""
     return 1 if data_format == "NCHW" else 3

@@ -1,18 +1,21 @@
 """Times keras_bn.BatchNorm against keras.layers.BatchNormalization on
-Keras's JAX backend.
+Keras's JAX or PyTorch backend (whichever KERAS_BACKEND names).
 
-Both layers run in one process on the same input, each as one jitted
-function (training: the output, its gradient with respect to the input,
-gamma and beta, and the new moving statistics, through `stateless_call`;
-inference: the output), interleaved call by call and rotated, so that
-drift in the machine's speed and the place in the loop hit them alike;
-warm-up calls (compilation) are excluded; each figure is the median of the
-repeats, and the ratio is keras_bn's median over Keras's.
+Both layers run in one process on the same input, interleaved call by call
+and rotated, so that drift in the machine's speed and the place in the
+loop hit them alike; warm-up calls (compilation) are excluded; each figure
+is the median of the repeats, and the ratio is keras_bn's median over
+Keras's. Training is the output, its gradient with respect to the input,
+gamma and beta, and the new moving statistics; inference the output. On
+JAX each is one jitted function (through `stateless_call`); on PyTorch,
+eager calls with autograd, as Keras's torch trainer runs them.
 
-    KERAS_BACKEND=jax python benchmarks/bench_jax.py [--quick] [--json out.json]
+    KERAS_BACKEND=jax python benchmarks/bench_backends.py [--quick] [--json out.json]
+    KERAS_BACKEND=torch python benchmarks/bench_backends.py [--quick] [--json out.json]
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -21,31 +24,33 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import keras_bn  # noqa: E402
 import common as machine  # noqa: E402  (benchmarks/, next to this script)
+import keras_bn  # noqa: E402
 from common import QUICK_SHAPES  # noqa: E402
 from common import SHAPES  # noqa: E402
 
+BACKEND = keras.config.backend()
 MODES = ("inference", "train_step")
 
 
 def environment():
     cpu, flags = machine.cpuinfo()
+    package = importlib.import_module(BACKEND)
     return {
-        "cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "python": platform.python_version(), "jax": jax.__version__,
+        "backend": BACKEND, "cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), BACKEND: package.__version__,
         "keras": keras.__version__, "keras_bn": keras_bn.__version__,
         "numpy": np.__version__, "platform": platform.platform(),
         "git": machine.git_commit(), "load_average": [round(v, 2) for v in os.getloadavg()],
     }
 
 
-def _step(layer, mode, dy):
+def _jax_step(layer, mode, dy):
+    import jax
+
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
     if mode == "inference":
@@ -61,16 +66,38 @@ def _step(layer, mode, dy):
     return lambda x: jax.block_until_ready(fn(trainable, x))
 
 
+def _torch_step(layer, mode, dy):
+    import torch
+
+    if mode == "inference":
+        def infer(x):
+            with torch.no_grad():
+                return layer(x, training=False)
+        return infer
+
+    def step(x):
+        x = x.detach().requires_grad_(True)
+        y = layer(x, training=True)
+        return torch.autograd.grad(y, [x, *(v.value for v in layer.trainable_variables)],
+                                   grad_outputs=dy)
+    return step
+
+
+def _tensor(array):
+    return keras.ops.convert_to_tensor(array)
+
+
 def time_case(shape, axis, mode, repeats, warmup):
     rng = np.random.RandomState(0)
-    x = jax.numpy.asarray(rng.normal(0.5, 2.0, shape).astype(np.float32))
-    dy = jax.numpy.asarray(rng.normal(0.0, 1.0, shape).astype(np.float32))
+    x = _tensor(rng.normal(0.5, 2.0, shape).astype(np.float32))
+    dy = _tensor(rng.normal(0.0, 1.0, shape).astype(np.float32))
+    make_step = _jax_step if BACKEND == "jax" else _torch_step
     fns = {}
     for name, cls in (("keras_bn", keras_bn.BatchNorm),
                       ("keras", keras.layers.BatchNormalization)):
         layer = cls(axis=axis)
         layer.build(shape)
-        fns[name] = _step(layer, mode, dy)
+        fns[name] = make_step(layer, mode, dy)
     for fn in fns.values():
         for _ in range(warmup):
             fn(x)

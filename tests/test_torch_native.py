@@ -1,0 +1,150 @@
+"""torch's native kernel (keras_bn/backend/torch/native_kernel.py) and the
+choice of it (backend/torch/dispatch.py), under Keras's torch backend; the
+shared behaviour is tests/test_portable.py's. Skipped on other backends."""
+
+import numpy as np
+import pytest
+
+import keras
+
+pytestmark = pytest.mark.skipif(keras.config.backend() != "torch",
+                                reason="PyTorch's kernels, under KERAS_BACKEND=torch")
+
+if keras.config.backend() == "torch":
+    import torch
+
+    import keras_bn
+    from keras_bn.backend.torch import dispatch
+
+
+def _x(shape, seed=0, offset=0.5):
+    return torch.tensor(np.random.RandomState(seed).normal(offset, 2.0, shape).astype("float32"))
+
+
+@pytest.mark.parametrize("features, reason", [
+    ({}, "torch's native batch norm, its own backward to every order"),
+    ({"adjustment": True}, "torch's native batch norm, its own backward to every order"),
+    ({"mask": True, "renorm": True},
+     "mask, renorm: the keras.ops kernel computes it, torch's native kernel doesn't"),
+])
+def test_route_names_the_kernel_and_why(features, reason):
+    assert dispatch.route(_x((4, 3)), 1, 1e-5, training=True, features=features).reason == reason
+
+
+def test_several_axes_and_empty_batches_take_keras_ops():
+    assert dispatch.route(_x((4, 3, 2)), (1, 2), 1e-5, training=True).kernel == dispatch.KERAS_OPS
+    assert dispatch.route(_x((0, 3)), 1, 1e-5, training=True).kernel == dispatch.KERAS_OPS
+
+
+def test_channels_last_output_is_contiguous_in_its_own_layout():
+    # The NHWC input reaches the kernel as a channels_last view and its
+    # output comes back as a plain NHWC tensor: no copy either way.
+    y = keras_bn.BatchNorm()(_x((2, 4, 4, 3)), training=True)
+    assert y.shape == (2, 4, 4, 3) and y.is_contiguous()
+
+
+def test_empty_batch_is_refused_for_the_moving_statistics():
+    bn = keras_bn.BatchNorm()
+    bn(_x((2, 3)), training=False)
+    y = bn(_x((0, 3)), training=True)
+    assert tuple(y.shape) == (0, 3) and bn.refused_batches == 1
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(3))
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 4), -1), ((3, 2, 2, 4), -1), ((3, 4, 2, 2), 1)])
+def test_second_derivatives_match_differences_of_the_gradient(shape, axis):
+    # torch's batch-norm double backward, through create_graph=True: the
+    # Hessian-vector product of a loss with curvature, against central
+    # differences of the float32 gradient (step 1e-2: rounding ~1e-5 and
+    # truncation ~1e-4 of the product's scale; 1e-2 leaves room).
+    bn = keras_bn.BatchNorm(axis=axis)
+    bn.build(shape)
+    w, v = _x(shape, seed=1, offset=0.0), _x(shape, seed=2, offset=0.0)
+
+    def grad(x, create_graph=False):
+        x = x.detach().requires_grad_(True)
+        loss = (bn(x, training=True) ** 2 * w).sum()
+        return x, torch.autograd.grad(loss, x, create_graph=create_graph)[0]
+
+    x, g = grad(_x(shape), create_graph=True)
+    hvp = torch.autograd.grad((g * v).sum(), x)[0].numpy()
+    step = 1e-2
+    diff = (grad(x + step * v)[1] - grad(x - step * v)[1]).numpy() / (2 * step)
+    np.testing.assert_allclose(diff, hvp, atol=1e-2 * np.abs(hvp).max())
+
+
+def test_half_precision_keeps_its_dtype_and_float32_statistics():
+    x = _x((16, 4)).to(torch.bfloat16)
+    bn = keras_bn.BatchNorm(momentum=0.0, dtype="mixed_bfloat16")
+    y = bn(x, training=True)
+    assert y.dtype == torch.bfloat16 and bn.moving_variance.value.dtype == torch.float32
+    np.testing.assert_allclose(bn.moving_variance.numpy(), x.float().var(0, correction=0).numpy(),
+                               rtol=1e-5)
+
+
+_WORKER = r"""
+import json, os, sys
+os.environ["KERAS_BACKEND"] = "torch"
+import numpy as np, torch, torch.distributed as dist
+import keras_bn
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=__import__("datetime").timedelta(seconds=60))
+data = np.random.RandomState(0).normal(1e3, 2.0, (ROWS0 + ROWS1, 3)).astype("float32")
+w = np.random.RandomState(1).normal(size=data.shape).astype("float32")
+rows = slice(0, ROWS0) if rank == 0 else slice(ROWS0, ROWS0 + ROWS1)
+bn = keras_bn.BatchNorm(momentum=0.0, synchronized=True)
+bn.build((None, 3))
+x = torch.tensor(data[rows], requires_grad=True)
+y = bn(x, training=True)
+(y * torch.tensor(w[rows])).sum().backward()
+print(json.dumps({"y": y.detach().numpy().tolist(), "dx": x.grad.numpy().tolist(),
+                  "mean": bn.moving_mean.numpy().tolist(),
+                  "variance": bn.moving_variance.numpy().tolist()}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("rows", [(5, 3), (4, 0)], ids=["uneven", "one_empty"])
+def test_synchronized_over_two_gloo_processes_is_the_global_batch(rows):
+    # Two processes on 127.0.0.1 (gloo), uneven batches, one possibly
+    # empty: each normalizes with the global batch's statistics, ends with
+    # the same moving ones, and its input gradient is its rows' share of
+    # the global batch's, against the float64 formula.
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = _WORKER.replace("ROWS0", str(rows[0])).replace("ROWS1", str(rows[1]))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+             for r in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=120)
+        finally:
+            p.kill()
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    data = np.random.RandomState(0).normal(1e3, 2.0, (sum(rows), 3)).astype("float32")
+    w = np.random.RandomState(1).normal(size=data.shape).astype("float32")
+    x64, n = data.astype(np.float64), sum(rows)
+    mean, var = x64.mean(0), x64.var(0)
+    inv = 1 / np.sqrt(var + 1e-5)
+    xhat = (x64 - mean) * inv
+    dx = inv / n * (n * w - w.sum(0) - xhat * (w * xhat).sum(0))
+    got_y = np.concatenate([np.reshape(o["y"], (-1, 3)) for o in outs])
+    got_dx = np.concatenate([np.reshape(o["dx"], (-1, 3)) for o in outs])
+    np.testing.assert_allclose(got_y, xhat, atol=1e-4)
+    np.testing.assert_allclose(got_dx, dx, atol=1e-4 * np.abs(dx).max())
+    for o in outs:
+        np.testing.assert_allclose(o["mean"], mean, rtol=1e-6)
+        np.testing.assert_allclose(o["variance"], var, rtol=1e-4)
+    assert outs[0]["mean"] == outs[1]["mean"] and outs[0]["variance"] == outs[1]["variance"]
