@@ -6,6 +6,8 @@ ones where it is faster (channels-first on a CPU, under XLA). The backward
 pass is written by hand and is itself differentiable, to any order.
 """
 
+import collections
+
 import tensorflow as tf
 
 from keras_bn.backend.tensorflow import distributed
@@ -68,60 +70,16 @@ def train(x, *, gamma, beta, epsilon, axis, replica_ctx=None,
     """
     stat_dtype = ops.statistics_dtype(x.dtype)
     has_gamma, has_beta = gamma is not None, beta is not None
-    rank = x.shape.rank
     x_shape = tf.shape(x)
-    weights = None
-    if mask is not None:
-        # Broadcast in full: a mask of size 1 along a reduced axis still
-        # counts every position there.
-        weights = tf.broadcast_to(tf.cast(mask, stat_dtype), x_shape)
-    # Several channel axes: the (C,) vectors run row-major over them.
-    channel_axes, sizes = ops.axes_of(axis), ops.sizes_on(x, axis)
-    if virtual_batch_size is not None:
-        # [N, ...] -> [G, v, ...]: sub-batch g holds examples g*v .. g*v+v-1.
-        ghost_shape = tf.concat([[-1, virtual_batch_size], x_shape[1:]], 0)
-        view = lambda t: tf.reshape(t, ghost_shape)  # noqa: E731
-        channel_axes = tuple(a + 1 for a in channel_axes)
-        per_group = {0, *channel_axes}
-        rank += 1
-    else:
-        view = lambda t: t  # noqa: E731
-        per_group = set(channel_axes)
-    axes = [i for i in range(rank) if i not in per_group]
-    w = None if weights is None else view(weights)
+    lay = layout(x, axis, virtual_batch_size, mask, stat_dtype)
+    view, axes, rank, w = lay.view, lay.axes, lay.rank, lay.weights
+    channel_axes, per_group = lay.channel_axes, lay.per_group
 
     def stats_of(xs, x_view):
-        """keepdims (count, shift, mean relative to the shift, variance) of
-        xs, which is `x_view` in the statistics dtype, and whether the
-        relative mean may be nonzero (True, or a scalar bool tensor)."""
-        if w is not None:
-            return (*ops.weighted_moments(xs, axes, w), True)
-        first_mean, first_variance = ops.staged_moments(xs, axes)
-        shift = tf.stop_gradient(first_mean)
-        if replica_ctx is not None:
-            # Always (the statistics cross replicas, and an outer tape
-            # can't read a merged value through Switch and Merge).
-            mean, variance = ops.moments_about(xs, axes, shift)
-            relative = True
-        else:
-            # Most batches: the first pass is exact, relative mean 0. Where
-            # a channel sits far from zero, its first mean's rounding error
-            # would add its square to the variance: take them again about it.
-            # The side reads x uncast: a half-precision batch cast to float32
-            # as an operand would be materialized (XLA fuses the cast into
-            # the reductions otherwise).
-            relative = tf.reduce_any(ops.offset_dominated(first_mean, first_variance))
-            mean, variance = one_side.one_side(
-                relative,
-                lambda x_view, shift, *_: ops.moments_about(
-                    tf.cast(x_view, stat_dtype), axes, shift),
-                lambda x_view, shift, zero, variance: (zero, variance),
-                x_view, shift, tf.zeros_like(first_variance), first_variance)
-        count = tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype))
-        return count, shift, mean, variance, relative
+        return statistics(xs, x_view, axes, w, stat_dtype, always_exact=replica_ctx is not None)
 
     def broadcast(v):
-        return v if v.shape.rank == rank else ops.per_channel(v, rank, channel_axes, sizes)
+        return v if v.shape.rank == rank else ops.per_channel(v, rank, channel_axes, lay.sizes)
 
     def total(t):
         """A per-channel cotangent summed over replicas: every replica's
@@ -185,14 +143,8 @@ def train(x, *, gamma, beta, epsilon, axis, replica_ctx=None,
             return tf.cast(tf.reshape(t, x_shape), x.dtype)
 
         def affine(inv, params):
-            g = broadcast(params[0]) if has_gamma else None
-            b = broadcast(params[-1]) if has_beta else None
-            scale = inv if r is None else inv * r
-            scale = scale if g is None else scale * g
-            offset = None if d is None else (d if g is None else d * g)
-            if b is not None:
-                offset = b if offset is None else offset + b
-            return scale, offset
+            return affine_terms(inv, gamma=broadcast(params[0]) if has_gamma else None,
+                                beta=broadcast(params[-1]) if has_beta else None, r=r, d=d)
 
         scale, offset = affine(inv, params)
         # From the shifted input: x * a + b would cancel two large terms
@@ -243,3 +195,84 @@ def _to_vector(t, per_group, channel_axes, reduce=tf.reduce_sum):
     if 0 in per_group and 0 not in channel_axes:
         t = reduce(t, 0, keepdims=True)
     return tf.reshape(t, [-1])
+
+
+Layout = collections.namedtuple(
+    "Layout", ["view", "channel_axes", "sizes", "per_group", "axes", "rank", "weights"])
+
+
+def layout(x, axis, virtual_batch_size, mask, stat_dtype):
+    """How `train` reduces x: `view` (x, or x as [G, v, ...] ghost batches),
+    the channel axes in the view with their `sizes` (None for one axis),
+    the axes kept per statistic (`per_group`), those reduced (`axes`), the
+    view's rank, and the mask as weights of the view's shape (or None)."""
+    rank = x.shape.rank
+    x_shape = tf.shape(x)
+    weights = None
+    if mask is not None:
+        # Broadcast in full: a mask of size 1 along a reduced axis still
+        # counts every position there.
+        weights = tf.broadcast_to(tf.cast(mask, stat_dtype), x_shape)
+    # Several channel axes: the (C,) vectors run row-major over them.
+    channel_axes, sizes = ops.axes_of(axis), ops.sizes_on(x, axis)
+    if virtual_batch_size is not None:
+        # [N, ...] -> [G, v, ...]: sub-batch g holds examples g*v .. g*v+v-1.
+        ghost_shape = tf.concat([[-1, virtual_batch_size], x_shape[1:]], 0)
+        view = lambda t: tf.reshape(t, ghost_shape)  # noqa: E731
+        channel_axes = tuple(a + 1 for a in channel_axes)
+        per_group = {0, *channel_axes}
+        rank += 1
+    else:
+        view = lambda t: t  # noqa: E731
+        per_group = set(channel_axes)
+    axes = [i for i in range(rank) if i not in per_group]
+    return Layout(view, channel_axes, sizes, per_group, axes, rank,
+                  None if weights is None else view(weights))
+
+
+def statistics(xs, x_view, axes, weights, stat_dtype, always_exact=False):
+    """keepdims (count, shift, mean relative to the shift, variance) of xs
+    over `axes`, and whether the relative mean may be nonzero (True, or a
+    scalar bool tensor). `xs` is `x_view` in the statistics dtype.
+
+    A plain staged two-pass first; where some channel is offset-dominated
+    (or always, with `always_exact`, which replicas need: an outer tape
+    can't read a merged value through Switch and Merge) two more passes
+    about its mean (`ops.moments_about`). With weights, always about a
+    first weighted mean (`ops.weighted_moments`).
+    """
+    if weights is not None:
+        return (*ops.weighted_moments(xs, axes, weights), True)
+    first_mean, first_variance = ops.staged_moments(xs, axes)
+    shift = tf.stop_gradient(first_mean)
+    if always_exact:
+        mean, variance = ops.moments_about(xs, axes, shift)
+        relative = True
+    else:
+        # Most batches: the first pass is exact, relative mean 0. Where a
+        # channel sits far from zero, its first mean's rounding error would
+        # add its square to the variance: take them again about it. The
+        # side reads x uncast: a half-precision batch cast to float32 as an
+        # operand would be materialized (XLA fuses the cast into the
+        # reductions otherwise).
+        relative = tf.reduce_any(ops.offset_dominated(first_mean, first_variance))
+        mean, variance = one_side.one_side(
+            relative,
+            lambda x_view, shift, *_: ops.moments_about(
+                tf.cast(x_view, stat_dtype), axes, shift),
+            lambda x_view, shift, zero, variance: (zero, variance),
+            x_view, shift, tf.zeros_like(first_variance), first_variance)
+    count = tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype))
+    return count, shift, mean, variance, relative
+
+
+def affine_terms(inv, *, gamma, beta, r=None, d=None):
+    """The per-channel (scale, offset) of y = scale * (x - mean) + offset:
+    gamma * inv * r and gamma * d + beta (renorm's r and d where given;
+    None for an absent term). All broadcast alike; offset may be None."""
+    scale = inv if r is None else inv * r
+    scale = scale if gamma is None else scale * gamma
+    offset = None if d is None else (d if gamma is None else d * gamma)
+    if beta is not None:
+        offset = beta if offset is None else offset + beta
+    return scale, offset
