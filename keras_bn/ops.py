@@ -183,8 +183,12 @@ def sample_shift(x, axes):
 def shifted_moments(x, axes, shift):
     """Keepdims (mean of x - shift, variance of x) over `axes` in one pass:
     the sums of d = x - shift and of d^2 side by side (which XLA fuses into
-    one read of x), in stages, and variance = mean(d^2) - mean(d)^2,
-    floored at 0.
+    one read of x), and variance = mean(d^2) - mean(d)^2, floored at 0.
+
+    One reduction per sum, not `staged`: XLA's and torch's reductions keep
+    their own partial sums short (measured under JAX: 4e-8 to 2e-7
+    relative error of the variance at 2.6e5 values per channel, staged or
+    not), and a second stage cost XLA 5-10 % of a train step.
 
     With the shift near the data (`sample_shift`) mean(d) is small, and
     the difference of the two loses little (a relative error of about
@@ -193,8 +197,8 @@ def shifted_moments(x, axes, shift):
     derivative, to any order, is the variance's.
     """
     d = x - shift
-    mean = staged(K.mean, d, axes)
-    return mean, K.relu(staged(K.mean, K.square(d), axes) - K.square(mean))
+    mean = K.mean(d, axis=axes, keepdims=True)
+    return mean, K.relu(K.mean(K.square(d), axis=axes, keepdims=True) - K.square(mean))
 
 
 def count_over(x, axes, dtype):
