@@ -262,6 +262,18 @@ def scale_and_offset(*, mean, variance, gamma, beta, epsilon):
     return a, b
 
 
+def affine_terms(inv, *, gamma, beta, r=None, d=None):
+    """The per-channel (scale, offset) of y = scale * (x - mean) + offset:
+    gamma * inv * r and gamma * d + beta (renorm's r and d where given;
+    None for an absent term). All broadcast alike; offset may be None."""
+    scale = inv if r is None else inv * r
+    scale = scale if gamma is None else scale * gamma
+    offset = None if d is None else (d if gamma is None else d * gamma)
+    if beta is not None:
+        offset = beta if offset is None else offset + beta
+    return scale, offset
+
+
 def adjusted_gamma_and_beta(*, gamma, beta, adjust_scale, adjust_bias):
     """gamma' and beta' such that `gamma' * z + beta' = gamma * (adjust_scale
     * z + adjust_bias) + beta` for the normalized (and renorm-corrected) z.

@@ -300,3 +300,11 @@ def test_parameter_shape_error_names_the_argument():
         "batch_norm: argument `gamma` must have shape (2,) to match the 2 "
         "channels of `x`; received shape (3,)."
     )
+
+
+def test_affine_terms_follow_renorm_and_the_absent_terms():
+    inv, g, b, r, d = (tf.constant([v], tf.float64) for v in (2.0, 3.0, 5.0, 0.5, 0.25))
+    scale, offset = ops.affine_terms(inv, gamma=g, beta=b, r=r, d=d)
+    assert (scale.numpy()[0], offset.numpy()[0]) == (2.0 * 0.5 * 3.0, 0.25 * 3.0 + 5.0)
+    scale, offset = ops.affine_terms(inv, gamma=None, beta=None)
+    assert scale.numpy()[0] == 2.0 and offset is None

@@ -1,7 +1,8 @@
 """The pieces of the TF-ops kernel (keras_bn/backend/tensorflow/
-tf_ops_kernel.py) against NumPy: the layout of a call, its statistics and
-the affine terms. The kernel as a whole is tested through the layer and
-the op (test_layer, test_offsets, test_gradients, ...)."""
+tf_ops_kernel.py) against NumPy: the layout of a call and its statistics
+(its affine terms are ops.affine_terms, tested in test_ops). The kernel as
+a whole is tested through the layer and the op (test_layer, test_offsets,
+test_gradients, ...)."""
 
 import numpy as np
 import pytest
@@ -55,11 +56,3 @@ def test_weighted_statistics_count_only_the_weighted_positions():
     np.testing.assert_allclose((shift + mean).numpy()[0], kept.mean(0), rtol=1e-6)
     np.testing.assert_allclose(variance.numpy()[0], kept.var(0), rtol=1e-5)
     assert relative is True
-
-
-def test_affine_terms_follow_renorm_and_the_absent_terms():
-    inv, g, b, r, d = (tf.constant([v], tf.float64) for v in (2.0, 3.0, 5.0, 0.5, 0.25))
-    scale, offset = kernel.affine_terms(inv, gamma=g, beta=b, r=r, d=d)
-    assert (scale.numpy()[0], offset.numpy()[0]) == (2.0 * 0.5 * 3.0, 0.25 * 3.0 + 5.0)
-    scale, offset = kernel.affine_terms(inv, gamma=None, beta=None)
-    assert scale.numpy()[0] == 2.0 and offset is None

@@ -133,17 +133,12 @@ def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
         return ops.per_channel(v, rank, channel_axes, sizes)
 
     inv = K.rsqrt(variance + K.convert_to_tensor(epsilon, stat_dtype))
-    scale, offset = inv, None
+    r = d = None
     if correction is not None:
         r, d = (K.stop_gradient(t) for t in correction(mean, variance, broadcast))
-        scale, offset = inv * r, d
-    if gamma is not None:
-        g = broadcast(gamma)
-        scale = scale * g
-        offset = None if offset is None else offset * g
-    if beta is not None:
-        b = broadcast(beta)
-        offset = b if offset is None else offset + b
+    scale, offset = ops.affine_terms(
+        inv, gamma=None if gamma is None else broadcast(gamma),
+        beta=None if beta is None else broadcast(beta), r=r, d=d)
     # Centred first, as in `ops.normalize`: x * a + b would lose digits to
     # a large offset.
     y = ((xs - shift) - relative) * scale

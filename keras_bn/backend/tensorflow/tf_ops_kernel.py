@@ -143,7 +143,7 @@ def train(x, *, gamma, beta, epsilon, axis, replica_ctx=None,
             return tf.cast(tf.reshape(t, x_shape), x.dtype)
 
         def affine(inv, params):
-            return affine_terms(inv, gamma=broadcast(params[0]) if has_gamma else None,
+            return ops.affine_terms(inv, gamma=broadcast(params[0]) if has_gamma else None,
                                 beta=broadcast(params[-1]) if has_beta else None, r=r, d=d)
 
         scale, offset = affine(inv, params)
@@ -264,15 +264,3 @@ def statistics(xs, x_view, axes, weights, stat_dtype, always_exact=False):
             x_view, shift, tf.zeros_like(first_variance), first_variance)
     count = tf.fill(tf.shape(mean), ops.count_over(xs, axes, stat_dtype))
     return count, shift, mean, variance, relative
-
-
-def affine_terms(inv, *, gamma, beta, r=None, d=None):
-    """The per-channel (scale, offset) of y = scale * (x - mean) + offset:
-    gamma * inv * r and gamma * d + beta (renorm's r and d where given;
-    None for an absent term). All broadcast alike; offset may be None."""
-    scale = inv if r is None else inv * r
-    scale = scale if gamma is None else scale * gamma
-    offset = None if d is None else (d if gamma is None else d * gamma)
-    if beta is not None:
-        offset = beta if offset is None else offset + beta
-    return scale, offset

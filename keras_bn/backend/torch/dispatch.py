@@ -48,15 +48,16 @@ def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
         ("mask", mask), ("renorm", correction is not None),
         ("adjustment", adjustment is not None))
         if value is not None and value is not False}
+    if adjustment is not None:
+        # Folded into gamma and beta once, for either kernel.
+        gamma, beta = ops.adjusted_gamma_and_beta(
+            gamma=gamma, beta=beta, adjust_scale=adjustment[0], adjust_bias=adjustment[1])
     if route(x, axis, epsilon, training=True, features=features).kernel == KERAS_OPS:
         return portable.train(
             x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis, fused=fused,
             synchronized=synchronize, virtual_batch_size=virtual_batch_size, mask=mask,
-            correction=correction, adjustment=adjustment, caller=caller,
+            correction=correction, caller=caller,
             all_sum=distributed.all_sum if synchronize else None)
-    if adjustment is not None:
-        gamma, beta = ops.adjusted_gamma_and_beta(
-            gamma=gamma, beta=beta, adjust_scale=adjustment[0], adjust_bias=adjustment[1])
     return native_kernel.train(x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis)
 
 

@@ -48,7 +48,7 @@ def _sample_shift(view):
     mean = sample.mean(dims, keepdim=True)
     variance = (sample - mean).square().mean(dims)
     mean = mean.reshape(-1)
-    dominated = mean.square() > ops.SHIFT_RATIO * variance  # ops.offset_dominated, in torch
+    dominated = ops.offset_dominated(mean, variance)
     if not bool(dominated.any()):
         return None
     return torch.where(dominated, mean, torch.zeros_like(mean))
