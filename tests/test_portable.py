@@ -288,6 +288,21 @@ def test_fit_counts_a_refused_batch():
     assert np.isfinite(_np(bn.moving_mean)).all()
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (0, 4, 4, 3)], ids=["dense", "nhwc"])
+def test_empty_batch_keeps_its_shape_is_refused_and_has_an_empty_gradient(shape):
+    # A batch of no examples (the last of an epoch split across replicas,
+    # say) has no statistics: the output is empty, the moving statistics
+    # stay, the refusal is counted, and the gradient is empty, not NaN.
+    bn = keras_bn.BatchNorm()
+    bn.build(shape)
+    y = bn(np.zeros(shape, "float32"), training=True)
+    assert tuple(y.shape) == shape and bn.refused_batches == 1
+    np.testing.assert_array_equal(_np(bn.moving_mean), np.zeros(3))
+    np.testing.assert_array_equal(_np(bn.moving_variance), np.ones(3))
+    g = _grad(_loss_fn(bn, np.ones(shape, "float32")), np.zeros(shape, "float32"))
+    assert tuple(g.shape) == shape
+
+
 def test_stateless_call_returns_the_new_statistics_and_leaves_the_layer():
     x = _data((8, 3), offset=2.0)
     bn = keras_bn.BatchNorm(momentum=0.0, track_num_batches=True)

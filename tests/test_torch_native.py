@@ -51,25 +51,52 @@ def test_empty_batch_is_refused_for_the_moving_statistics():
     np.testing.assert_array_equal(bn.moving_mean.numpy(), np.zeros(3))
 
 
-@pytest.mark.parametrize("shape, axis", [((6, 4), -1), ((3, 2, 2, 4), -1), ((3, 4, 2, 2), 1)])
-def test_second_derivatives_match_differences_of_the_gradient(shape, axis):
-    # torch's batch-norm double backward, through create_graph=True: the
-    # Hessian-vector product of a loss with curvature, against central
-    # differences of the float32 gradient (step 1e-2: rounding ~1e-5 and
-    # truncation ~1e-4 of the product's scale; 1e-2 leaves room).
-    bn = keras_bn.BatchNorm(axis=axis)
+def _hvp_and_differences(bn, shape, **call):
+    """The Hessian-vector product of a loss with curvature through
+    create_graph=True, and central differences of the float32 gradient
+    along the same vector."""
     bn.build(shape)
     w, v = _x(shape, seed=1, offset=0.0), _x(shape, seed=2, offset=0.0)
 
     def grad(x, create_graph=False):
         x = x.detach().requires_grad_(True)
-        loss = (bn(x, training=True) ** 2 * w).sum()
+        loss = (bn(x, training=True, **call) ** 2 * w).sum()
         return x, torch.autograd.grad(loss, x, create_graph=create_graph)[0]
 
     x, g = grad(_x(shape), create_graph=True)
     hvp = torch.autograd.grad((g * v).sum(), x)[0].numpy()
     step = 1e-2
     diff = (grad(x + step * v)[1] - grad(x - step * v)[1]).numpy() / (2 * step)
+    return hvp, diff
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 4), -1), ((3, 2, 2, 4), -1), ((3, 4, 2, 2), 1)])
+def test_second_derivatives_match_differences_of_the_gradient(shape, axis):
+    # torch's batch-norm double backward. Step 1e-2: rounding ~1e-5 and
+    # truncation ~1e-4 of the product's scale; 1e-2 leaves room.
+    hvp, diff = _hvp_and_differences(keras_bn.BatchNorm(axis=axis), shape)
+    np.testing.assert_allclose(diff, hvp, atol=1e-2 * np.abs(hvp).max())
+
+
+@pytest.mark.parametrize("kwargs, shape, mask", [
+    ({"virtual_batch_size": 3}, (6, 4), None),
+    ({"axis": [1, 2]}, (3, 2, 2, 4), None),
+    ({}, (3, 4, 2), np.array([[1, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 1]], bool)),
+], ids=["ghost", "several_axes", "mask"])
+def test_second_derivatives_on_the_keras_ops_route(kwargs, shape, mask, monkeypatch):
+    # What torch's native kernel can't compute runs as keras.ops, whose
+    # derivatives of every order are torch's autograd of that math; the
+    # same check as above, with the route confirmed by counting its calls.
+    # (Renorm is left out: its r and d carry no gradient by definition, so
+    # differences of its gradient are not its autograd's second derivative.)
+    from keras_bn.backend import portable
+
+    calls = []
+    real = portable.train
+    monkeypatch.setattr(portable, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    call = {} if mask is None else {"mask": torch.tensor(mask)}
+    hvp, diff = _hvp_and_differences(keras_bn.BatchNorm(**kwargs), shape, **call)
+    assert calls
     np.testing.assert_allclose(diff, hvp, atol=1e-2 * np.abs(hvp).max())
 
 
@@ -93,7 +120,7 @@ dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank
 data = np.random.RandomState(0).normal(1e3, 2.0, (ROWS0 + ROWS1, 3)).astype("float32")
 w = np.random.RandomState(1).normal(size=data.shape).astype("float32")
 rows = slice(0, ROWS0) if rank == 0 else slice(ROWS0, ROWS0 + ROWS1)
-bn = keras_bn.BatchNorm(momentum=0.0, synchronized=True)
+bn = keras_bn.BatchNorm(momentum=0.0, synchronized=SYNC)
 bn.build((None, 3))
 x = torch.tensor(data[rows], requires_grad=True)
 y = bn(x, training=True)
@@ -105,12 +132,9 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("rows", [(5, 3), (4, 0)], ids=["uneven", "one_empty"])
-def test_synchronized_over_two_gloo_processes_is_the_global_batch(rows):
-    # Two processes on 127.0.0.1 (gloo), uneven batches, one possibly
-    # empty: each normalizes with the global batch's statistics, ends with
-    # the same moving ones, and its input gradient is its rows' share of
-    # the global batch's, against the float64 formula.
+def _two_gloo_processes(rows, synchronized):
+    """Each process's output, input gradient and moving statistics after
+    one training call on its rows of a shared batch."""
     import json
     import os
     import socket
@@ -120,7 +144,8 @@ def test_synchronized_over_two_gloo_processes_is_the_global_batch(rows):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = _WORKER.replace("ROWS0", str(rows[0])).replace("ROWS1", str(rows[1]))
+    code = (_WORKER.replace("ROWS0", str(rows[0])).replace("ROWS1", str(rows[1]))
+            .replace("SYNC", str(synchronized)))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ))
@@ -133,6 +158,16 @@ def test_synchronized_over_two_gloo_processes_is_the_global_batch(rows):
             p.kill()
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+@pytest.mark.parametrize("rows", [(5, 3), (4, 0)], ids=["uneven", "one_empty"])
+def test_synchronized_over_two_gloo_processes_is_the_global_batch(rows):
+    # Two processes on 127.0.0.1 (gloo), uneven batches, one possibly
+    # empty: each normalizes with the global batch's statistics, ends with
+    # the same moving ones, and its input gradient is its rows' share of
+    # the global batch's, against the float64 formula.
+    outs = _two_gloo_processes(rows, synchronized=True)
     data = np.random.RandomState(0).normal(1e3, 2.0, (sum(rows), 3)).astype("float32")
     w = np.random.RandomState(1).normal(size=data.shape).astype("float32")
     x64, n = data.astype(np.float64), sum(rows)
@@ -147,4 +182,28 @@ def test_synchronized_over_two_gloo_processes_is_the_global_batch(rows):
     for o in outs:
         np.testing.assert_allclose(o["mean"], mean, rtol=1e-6)
         np.testing.assert_allclose(o["variance"], var, rtol=1e-4)
+    assert outs[0]["mean"] == outs[1]["mean"] and outs[0]["variance"] == outs[1]["variance"]
+
+
+@pytest.mark.parametrize("rows", [(5, 3), (4, 0)], ids=["uneven", "one_empty"])
+def test_unsynchronized_over_two_gloo_processes_averages_the_moving_statistics(rows):
+    # synchronized=False: each process normalizes with its own rows'
+    # statistics, and the moving statistics are the average over the
+    # processes that had rows, identical in both (as TensorFlow's
+    # replicas' are); an empty process normalizes nothing and adds nothing.
+    outs = _two_gloo_processes(rows, synchronized=False)
+    data = np.random.RandomState(0).normal(1e3, 2.0, (sum(rows), 3)).astype(np.float64)
+    shares = [data[:rows[0]], data[rows[0]:]]
+    for out, share in zip(outs, shares):
+        got = np.reshape(out["y"], (-1, 3))
+        if len(share):
+            xhat = (share - share.mean(0)) / np.sqrt(share.var(0) + 1e-5)
+            np.testing.assert_allclose(got, xhat, atol=1e-4)
+        else:
+            assert got.size == 0
+    having = [s for s in shares if len(s)]
+    for o in outs:
+        np.testing.assert_allclose(o["mean"], np.mean([s.mean(0) for s in having], 0), rtol=1e-6)
+        np.testing.assert_allclose(o["variance"], np.mean([s.var(0) for s in having], 0),
+                                   rtol=1e-4)
     assert outs[0]["mean"] == outs[1]["mean"] and outs[0]["variance"] == outs[1]["variance"]
