@@ -53,12 +53,18 @@ def train(x, *, gamma, beta, epsilon, axis, fused=None, synchronized=False,
         gamma, beta = ops.adjusted_gamma_and_beta(
             gamma=gamma, beta=beta, adjust_scale=adjustment[0], adjust_bias=adjustment[1])
     if route(x, axis, epsilon, training=True, features=features).kernel == KERAS_OPS:
-        return portable.train(
+        y, stats = portable.train(
             x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis, fused=fused,
             synchronized=synchronize, virtual_batch_size=virtual_batch_size, mask=mask,
             correction=correction, caller=caller,
             all_sum=distributed.all_sum if synchronize else None)
-    return native_kernel.train(x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis)
+    else:
+        y, stats = native_kernel.train(x, gamma=gamma, beta=beta, epsilon=epsilon, axis=axis)
+    if not synchronize and distributed.active():
+        # Each process normalized with its own statistics; the moving ones
+        # follow their average, the same in every process.
+        stats = distributed.averaged(stats)
+    return y, stats
 
 
 def infer(x, *, mean, variance, gamma, beta, epsilon, axis, fused=None, caller="batch_norm"):
