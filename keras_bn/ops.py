@@ -12,6 +12,7 @@ TensorFlow kernels (`keras_bn.backend.tensorflow`) use them as they are.
 """
 
 import collections
+import math
 
 import keras
 import numpy as np
@@ -41,6 +42,11 @@ def static_value(t):
         import tensorflow as tf
 
         return tf.get_static_value(t)
+    if keras.config.backend() == "torch":
+        import torch
+
+        if torch.compiler.is_compiling():
+            return None  # torch.compile's fake tensors: reading one breaks the graph
     try:
         return np.asarray(K.convert_to_numpy(t))
     except Exception:  # a tracer (JAX under jit)
@@ -209,7 +215,9 @@ def count_over(x, axes, dtype):
     """
     dims = [x.shape[i] for i in axes]
     if None not in dims:
-        return K.convert_to_tensor(int(np.prod(dims, dtype=np.int64)), dtype)
+        # In Python integers: NumPy would break a torch.compile graph on
+        # its symbolic sizes.
+        return K.full((), math.prod([int(d) for d in dims]), dtype=dtype)
     shape = K.shape(x)
     count = K.convert_to_tensor(1, dtype)
     for i in axes:

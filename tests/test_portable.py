@@ -258,13 +258,16 @@ def test_fused_true_names_the_backend_where_it_cannot_be_served():
 
 # Keras's trainer and stateless calls: the state comes back.
 
-def test_fit_leaves_the_batch_statistics_in_the_moving_ones():
+@pytest.mark.parametrize("jit_compile", ["auto", True])
+def test_fit_leaves_the_batch_statistics_in_the_moving_ones(jit_compile):
     # One batch of all the data, momentum 0: after fit the moving statistics
     # are that batch's, so the trainer carried the update out of its step
-    # (on JAX, a jitted stateless step).
+    # (on JAX, a jitted stateless step; with jit_compile=True, XLA on
+    # TensorFlow and torch.compile on PyTorch).
     x = _data((32, 3), offset=3.0)
     model = keras.Sequential([keras.Input((3,)), keras_bn.BatchNorm(momentum=0.0)])
-    model.compile(keras.optimizers.SGD(0.0), "mse")  # gamma and beta stay
+    model.compile(keras.optimizers.SGD(0.0), "mse",  # gamma and beta stay
+                  jit_compile=jit_compile)
     model.fit(x, np.zeros_like(x), batch_size=32, epochs=1, verbose=0, shuffle=False)
     bn = model.layers[0]
     np.testing.assert_allclose(_np(bn.moving_mean), x.mean(0), rtol=1e-5)

@@ -207,3 +207,19 @@ def test_unsynchronized_over_two_gloo_processes_averages_the_moving_statistics(r
         np.testing.assert_allclose(o["variance"], np.mean([s.var(0) for s in having], 0),
                                    rtol=1e-4)
     assert outs[0]["mean"] == outs[1]["mean"] and outs[0]["variance"] == outs[1]["variance"]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"virtual_batch_size": 4}, {"renorm": True}],
+                         ids=["native", "ghost", "renorm"])
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_compile_traces_one_graph(kwargs, training):
+    # Under compile(jit_compile=True) Keras's torch trainer runs
+    # torch.compile: a value read from a tensor (the shift check, a count
+    # made by NumPy) would split the layer into several graphs run eagerly
+    # in between. Dynamo's own report counts the breaks.
+    bn = keras_bn.BatchNorm(**kwargs)
+    bn.build((8, 3))
+    x = _x((8, 3), offset=1e3)
+    report = torch._dynamo.explain(lambda x: bn(x, training=training))(x)
+    assert report.graph_break_count == 0, [str(b.reason)[:200] for b in report.break_reasons]
+    torch._dynamo.reset()

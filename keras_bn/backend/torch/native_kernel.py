@@ -49,7 +49,9 @@ def _sample_shift(view):
     variance = (sample - mean).square().mean(dims)
     mean = mean.reshape(-1)
     dominated = ops.offset_dominated(mean, variance)
-    if not bool(dominated.any()):
+    if not torch.compiler.is_compiling() and not bool(dominated.any()):
+        # Eager: skip the pass. Under torch.compile reading the value would
+        # break the graph, so every batch is shifted (0 where not needed).
         return None
     return torch.where(dominated, mean, torch.zeros_like(mean))
 
@@ -89,10 +91,11 @@ def infer(x, *, mean, variance, gamma, beta, epsilon, axis):
     channel's mean is offset-dominated (`ops.offset_dominated`, read from
     the (C,) statistics) it is given x - mean and a zero mean instead: two
     passes. Elsewhere the rounding is within ten float32 ulps of the
-    output, and the kernel's one pass serves.
+    output, and the kernel's one pass serves. Under torch.compile, where
+    reading the statistics would break the graph, always centred first.
     """
     view, back = _channels_first(x, axis)
-    if not bool(ops.offset_dominated(mean, variance).any()):
+    if not torch.compiler.is_compiling() and not bool(ops.offset_dominated(mean, variance).any()):
         return back(torch.native_batch_norm(view, gamma, beta, mean, variance,
                                             False, 0.0, epsilon)[0])
     # In the statistics dtype: a half-precision mean would be rounded first.
