@@ -215,9 +215,9 @@ def count_over(x, axes, dtype):
     """
     dims = [x.shape[i] for i in axes]
     if None not in dims:
-        # In Python integers: NumPy would break a torch.compile graph on
-        # its symbolic sizes.
-        return K.full((), math.prod([int(d) for d in dims]), dtype=dtype)
+        # In Python integers, from a list: NumPy, or a generator, would
+        # break a torch.compile graph on its symbolic sizes.
+        return K.convert_to_tensor(math.prod([int(d) for d in dims]), dtype)
     shape = K.shape(x)
     count = K.convert_to_tensor(1, dtype)
     for i in axes:

@@ -34,6 +34,15 @@ def _channels_first(x, axis):
     return view, lambda y: torch.movedim(y, 1, axis)
 
 
+def _known_false(flag):
+    """Whether a scalar bool tensor is known to be False: eagerly, its
+    value; under torch.compile, never (`ops.static_value` declines to read
+    a traced tensor, which would break the graph), so the pass it would
+    skip is always taken there."""
+    known = ops.static_value(flag)
+    return known is not None and not bool(known)
+
+
 def _sample_shift(view):
     """Per channel, the shift the kernel's input gets: the mean of the
     batch's first rows (at least `ops.SHIFT_SAMPLE` values per channel)
@@ -49,9 +58,7 @@ def _sample_shift(view):
     variance = (sample - mean).square().mean(dims)
     mean = mean.reshape(-1)
     dominated = ops.offset_dominated(mean, variance)
-    if not torch.compiler.is_compiling() and not bool(dominated.any()):
-        # Eager: skip the pass. Under torch.compile reading the value would
-        # break the graph, so every batch is shifted (0 where not needed).
+    if _known_false(dominated.any()):
         return None
     return torch.where(dominated, mean, torch.zeros_like(mean))
 
@@ -95,7 +102,7 @@ def infer(x, *, mean, variance, gamma, beta, epsilon, axis):
     reading the statistics would break the graph, always centred first.
     """
     view, back = _channels_first(x, axis)
-    if not torch.compiler.is_compiling() and not bool(ops.offset_dominated(mean, variance).any()):
+    if _known_false(ops.offset_dominated(mean, variance).any()):
         return back(torch.native_batch_norm(view, gamma, beta, mean, variance,
                                             False, 0.0, epsilon)[0])
     # In the statistics dtype: a half-precision mean would be rounded first.
