@@ -118,16 +118,18 @@ def _copy_package(revision, directory, name):
                                  check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", directory], input=archive, check=True)
         os.rename(os.path.join(directory, "keras_bn"), package)
-    for file_name in os.listdir(package):
-        if file_name.endswith(".py"):
-            path = os.path.join(package, file_name)
-            with open(path) as f:
-                text = f.read()
-            # Its own modules, and its own name in Keras's registry.
-            text = re.sub(r"\bfrom keras_bn([. ])", rf"from {name}\1", text)
-            text = text.replace('package="keras_bn"', f'package="{name}"')
-            with open(path, "w") as f:
-                f.write(text)
+    # Every module, subpackages included: a backend module left importing
+    # `keras_bn` would run the installed package's kernels in both copies.
+    paths = [os.path.join(folder, file_name) for folder, _, files in os.walk(package)
+             for file_name in files if file_name.endswith(".py")]
+    for path in paths:
+        with open(path) as f:
+            text = f.read()
+        # Its own modules, and its own name in Keras's registry.
+        text = re.sub(r"\bfrom keras_bn([. ])", rf"from {name}\1", text)
+        text = text.replace('package="keras_bn"', f'package="{name}"')
+        with open(path, "w") as f:
+            f.write(text)
 
 
 def _in_process(args):

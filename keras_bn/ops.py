@@ -121,22 +121,50 @@ def staged_moments(x, axes):
     float32 mean of data at 1e6 is off by up to 0.03 (half its last
     place). `moments_about` serves the other batches.
     """
+    return _in_stages(_plain_two_pass, x, axes)
+
+
+def _in_stages(moments_of, x, axes):
+    """`moments_of(view, view_axes)` -> keepdims statistics of x over
+    `axes`, one long reduced axis viewed as [n/32, 32] (`staged_moments`)."""
     rank = len(x.shape)
     view, view_axes = x, list(axes)
     if len(axes) == 1:
         a = axes[0]
         n = x.shape[a]
         if n is None or n < _MIN_STAGED or n % _STAGE:
-            return _plain_two_pass(x, axes)
+            return moments_of(x, axes)
         # Unknown sizes (TensorFlow's dynamic batch) come as scalar tensors.
         shape = list(K.shape(x))
         view, view_axes = K.reshape(x, shape[:a] + [n // _STAGE, _STAGE] + shape[a + 1:]), [a, a + 1]
-    mean, variance = _plain_two_pass(view, view_axes)
+    stats = moments_of(view, view_axes)
     if view is not x:
         shape = K.shape(x)
         keep = [1 if i in axes else shape[i] for i in range(rank)]
-        mean, variance = K.reshape(mean, keep), K.reshape(variance, keep)
-    return mean, variance
+        stats = tuple(K.reshape(t, keep) for t in stats)
+    return stats
+
+
+def corrected_moments(x, axes, shift):
+    """Keepdims (mean of x - shift, variance of x) over `axes`, in stages
+    (`staged_moments`): the sums of d = x - shift and of d^2 side by side,
+    variance = mean(d^2) - mean(d)^2, floored at 0. XLA computes both in
+    one fused loop each from x, with no copy of d.
+
+    d is exact for values near the shift (Sterbenz) and the difference
+    loses about float32's epsilon times 1 + mean(d)^2 / variance. With
+    `shift` the mean of m of the n values (`sample_shift`) that factor is
+    at most 1 + n / m whatever the data (the sample's values are part of
+    the variance), and about 1 + 1/m for data in random order.
+    """
+    def moments_of(d, axes):
+        # d * 0.5 (exact, as is the * 2): XLA's CPU backend hands a plain
+        # sum of a difference to a library reduction that first writes d
+        # out in full (a pass and a batch-sized buffer more); a product is
+        # summed in the fused loop.
+        mean = _mean(d * 0.5, axes) * 2.0
+        return mean, K.relu(_mean(K.square(d), axes) - K.square(mean))
+    return _in_stages(moments_of, x - shift, axes)
 
 
 # A mean more than 10 standard deviations from zero: where float32 sums

@@ -92,6 +92,22 @@ def test_statistics_and_output_exact_at_an_offset(case, mode, offset, both_paths
     np.testing.assert_allclose(y.numpy(), want_y, atol=Y_ATOL)
 
 
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+@pytest.mark.parametrize("case", ["dense", "nhwc", "long_axis"])
+def test_exact_when_the_first_rows_lie_apart(case, mode):
+    # Sorted data: the first rows (what a sample shift reads) sit 3 std
+    # above the rest, and one row is 10 std below; the statistics still
+    # hold the bound.
+    shape, axis = CASES[case]
+    x = np.sort(_offset_data(shape, axis, 1e6), axis=0)[::-1].copy()
+    x[-1] -= 10 * np.linspace(0.1, 1.0, shape[axis]).astype(np.float32)
+    layer = BatchNorm(axis=axis, momentum=0.0)
+    y = _call(layer, x, mode)
+    want_y, mean, var = _float64_batch_norm(x, axis)
+    _assert_statistics(layer, mean, var)
+    np.testing.assert_allclose(y.numpy(), want_y, atol=Y_ATOL)
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("case", ["dense", "nhwc", "nchw"])
 def test_fit_with_unknown_batch_size_exact_at_1e6(case, jit_compile):

@@ -154,6 +154,34 @@ def test_variance_never_negative_for_constant_channel_with_offset():
     np.testing.assert_allclose(mean, np.float32(1e4 + 0.1))
 
 
+def test_corrected_moments_hand_computed():
+    # Values 1e6 + {0, 1, 2, 3} (exact in float32) about a shift of 1e6 + 3:
+    # d = {-3, -2, -1, 0}, mean(d) = -1.5, mean(d^2) = 3.5, variance 1.25,
+    # every intermediate exact.
+    x = tf.constant([[1e6], [1e6 + 1], [1e6 + 2], [1e6 + 3]], tf.float32)
+    mean, var = ops.corrected_moments(x, [0], tf.constant([[1e6 + 3]], tf.float32))
+    assert mean.numpy().tolist() == [[-1.5]] and var.numpy().tolist() == [[1.25]]
+
+
+@pytest.mark.parametrize("shape", [(4096, 3), (300, 3), (64, 8, 8, 3)])
+def test_corrected_moments_exact_about_an_unrepresentative_shift(shape):
+    # The batch's first rows 3 std above the rest: a sample mean as the
+    # shift lies far from the batch mean, and the correction removes its
+    # square. float64 statistics of the same float32 values as the truth;
+    # 1e-5 of the variance is the error bound 1 + mean(d)^2 / variance
+    # (about 10 here) times a few float32 epsilons.
+    rng = np.random.default_rng(0)
+    x = 1e6 + 0.1 * rng.standard_normal(shape)
+    x[:max(1, 64 // int(np.prod(shape[1:-1])))] += 0.3
+    x = x.astype(np.float32)
+    axes = list(range(len(shape) - 1))
+    shift = ops.sample_shift(tf.constant(x), axes)
+    mean, var = ops.corrected_moments(tf.constant(x), axes, shift)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose((shift + mean).numpy().ravel(), x64.mean(tuple(axes)), rtol=2e-7)
+    np.testing.assert_allclose(var.numpy().ravel(), x64.var(tuple(axes)), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,tol", [(tf.float16, 2e-3), (tf.bfloat16, 1.6e-2)])
 def test_half_precision_stats_in_float32_output_in_input_dtype(dtype, tol):
     # Tolerance: a few ulps of the half type for O(1) outputs (float16 has an
