@@ -124,16 +124,23 @@ def staged_moments(x, axes):
     return _in_stages(_plain_two_pass, x, axes)
 
 
+def one_long_axis(x, axes):
+    """Whether x is reduced over one axis, long enough to be summed as
+    [n/32, 32] (`staged_moments`)."""
+    n = x.shape[axes[0]] if len(axes) == 1 else None
+    return n is not None and n >= _MIN_STAGED and n % _STAGE == 0
+
+
 def _in_stages(moments_of, x, axes):
     """`moments_of(view, view_axes)` -> keepdims statistics of x over
     `axes`, one long reduced axis viewed as [n/32, 32] (`staged_moments`)."""
     rank = len(x.shape)
     view, view_axes = x, list(axes)
     if len(axes) == 1:
+        if not one_long_axis(x, axes):
+            return moments_of(x, axes)
         a = axes[0]
         n = x.shape[a]
-        if n is None or n < _MIN_STAGED or n % _STAGE:
-            return moments_of(x, axes)
         # Unknown sizes (TensorFlow's dynamic batch) come as scalar tensors.
         shape = list(K.shape(x))
         view, view_axes = K.reshape(x, shape[:a] + [n // _STAGE, _STAGE] + shape[a + 1:]), [a, a + 1]

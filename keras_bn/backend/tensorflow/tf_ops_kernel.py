@@ -38,7 +38,7 @@ def train(x, *, gamma, beta, epsilon, axis, replica_ctx=None,
     The statistics are a plain staged two-pass; for a batch in which some
     channel's mean is more than 10 standard deviations from zero, two more
     passes take them again about that first mean (`ops.moments_about`; a
-    masked batch always does; under XLA every batch is summed about a
+    masked batch always does; under XLA some batches are summed about a
     sample mean instead, `statistics`). The output and the gradient are
     formed from x - shift with that mean as the shift, which batch norm doesn't
     see, so that a large common offset costs no digits. The backward pass
@@ -237,9 +237,10 @@ def statistics(xs, x_view, axes, weights, stat_dtype, always_exact=False):
     over `axes`, and whether the relative mean may be nonzero (True, or a
     scalar bool tensor). `xs` is `x_view` in the statistics dtype.
 
-    Under XLA, sums about the mean of the batch's first rows
-    (`ops.sample_shift`, `ops.corrected_moments`). Elsewhere a plain staged
-    two-pass first; where some channel is offset-dominated (or always, with
+    Under XLA for half-precision inputs and one long reduced axis, sums
+    about the mean of the batch's first rows (`ops.sample_shift`,
+    `ops.corrected_moments`). Otherwise a plain staged two-pass first;
+    where some channel is offset-dominated (or always, with
     `always_exact`, which replicas need: an outer tape can't read a merged
     value through Switch and Merge) two more passes about its mean
     (`ops.moments_about`). With weights, always about a first weighted
@@ -248,11 +249,15 @@ def statistics(xs, x_view, axes, weights, stat_dtype, always_exact=False):
     if weights is not None:
         return (*ops.weighted_moments(xs, axes, weights), True)
     count = ops.count_over(xs, axes, stat_dtype)
-    if private_api.in_xla_context():
-        # Under XLA every batch gets the sums about a sample mean side by
-        # side, which XLA fuses into the passes the plain two-pass makes; a
-        # conditional second look would take the batch as an operand (+12
-        # to +20 % on a dense 4096x256 train step).
+    if private_api.in_xla_context() and (
+            xs.dtype != x_view.dtype or ops.one_long_axis(xs, axes)):
+        # Sums about a sample mean, side by side in the plain two-pass's
+        # passes, where XLA would make the conditional second look cost
+        # passes of its own: a half-precision batch, which it would cast
+        # to float32 in full as the conditional's operand; one long axis,
+        # where it flattens the conditional into a select that computes
+        # both sides (+12-20 % on a dense 4096x256 train step). Elsewhere
+        # its library reduction of x itself is the faster first pass.
         shift = ops.sample_shift(xs, axes)
         mean, variance = ops.corrected_moments(xs, axes, shift)
         return tf.fill(tf.shape(mean), count), shift, mean, variance, True
