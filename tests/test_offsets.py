@@ -108,6 +108,26 @@ def test_exact_when_the_first_rows_lie_apart(case, mode):
     np.testing.assert_allclose(y.numpy(), want_y, atol=Y_ATOL)
 
 
+@pytest.mark.parametrize("policy,shape,bad", [
+    ("float32", (4096, 3), "nan"), ("mixed_bfloat16", (8, 3), "nan"),
+    ("mixed_bfloat16", (0, 3), "empty")])
+def test_sample_mean_route_under_xla_refuses_bad_batches(policy, shape, bad):
+    # Under XLA one long axis and half precision take the sums about a
+    # sample mean: a NaN or empty batch there (an empty sample's mean is
+    # NaN too) must still leave the moving statistics as they were.
+    x = np.ones(shape, np.float32)
+    if bad == "nan":
+        x[shape[0] // 2, 1] = np.nan
+    layer = BatchNorm(momentum=0.0, dtype=policy)
+    layer.build(shape)
+    before = [w.numpy().copy() for w in (layer.moving_mean, layer.moving_variance)]
+    y = tf.function(lambda t: layer(t, training=True), jit_compile=True)(x)
+    assert y.shape == shape
+    assert layer.refused_batches == 1
+    for w, old in zip((layer.moving_mean, layer.moving_variance), before):
+        np.testing.assert_array_equal(w.numpy(), old)
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("case", ["dense", "nhwc", "nchw"])
 def test_fit_with_unknown_batch_size_exact_at_1e6(case, jit_compile):
@@ -159,8 +179,9 @@ def test_renorm_moving_variance_exact_at_1e6():
     _assert_statistics(layer, mean, var, var_rtol=2e-4)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("policy,offset", [("mixed_float16", 1e3), ("mixed_bfloat16", 1e2)])
-def test_half_precision_statistics_exact_at_an_offset(policy, offset):
+def test_half_precision_statistics_exact_at_an_offset(policy, offset, jit_compile):
     # Offsets the half type still resolves at std 0.5..1 (float16's last
     # place at 2e3 is 1, bfloat16's at 200 is 1); the reference is float64
     # statistics of the very half-precision values the layer sees.
@@ -168,7 +189,7 @@ def test_half_precision_statistics_exact_at_an_offset(policy, offset):
     dtype = tf.float16 if policy == "mixed_float16" else tf.bfloat16
     x = tf.cast(_offset_data((64, 6, 6, 4), -1, offset, std=(0.5, 1.0)), dtype)
     layer = BatchNorm(momentum=0.0)
-    tf.function(lambda t: layer(t, training=True))(x)
+    tf.function(lambda t: layer(t, training=True), jit_compile=jit_compile)(x)
     _, mean, var = _float64_batch_norm(tf.cast(x, tf.float64).numpy(), -1)
     _assert_statistics(layer, mean, var)
 
@@ -317,7 +338,7 @@ def test_foldable_inference_in_a_graph_stays_within_its_bound(case):
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-@pytest.mark.parametrize("case", ["dense", "nchw"])
+@pytest.mark.parametrize("case", ["dense", "nchw", "long_axis"])
 def test_second_order_gradients_exact_at_1e4(case, mode):
     # Batch norm doesn't change under a per-channel shift, so neither do its
     # gradients of any order: float32 data at offset 1e4 (where TF ops take
