@@ -37,6 +37,20 @@ def test_layer_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
         assert row["ratio_to_keras"] == pytest.approx(row["ms"]["keras_bn"] / row["ms"]["keras"])
 
 
+def test_kernel_accuracy_quick_mode_measures_every_kernel_on_every_kind_of_data(tmp_path):
+    out = tmp_path / "accuracy.json"
+    stdout = run_script("kernel_accuracy.py", "--quick", "--json", str(out))
+    assert "one call" in stdout
+    data = json.loads(out.read_text())
+    assert data["environment"]["tensorflow"] and data["sum_limit"] > 0
+    # 3 kinds of data x 2 sizes, each with all three variances measured.
+    assert {(r["data"], r["per_channel"]) for r in data["rows"]} == {
+        (d, n) for d in ("normal", "offset_1e6", "binary") for n in (2**12, 2**14)}
+    for row in data["rows"]:
+        # The layer's figures are within the bound its tests hold it to.
+        assert 0 <= row["fused"] < 1e-4 and 0 <= row["tf_ops"] < 1e-4 and row["one_call"] >= 0
+
+
 @pytest.mark.slow
 def test_fold_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
     out = tmp_path / "fold.json"

@@ -317,16 +317,19 @@ def test_general_path_backward_is_the_custom_gradient():
 
 
 @cpu_only
+@pytest.mark.parametrize("shape", [(16, 4, 4, 3), (40, 8, 8, 3)])
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-def test_offset_dominated_batch_is_shifted_to_every_order(mode):
+def test_offset_dominated_batch_is_shifted_to_every_order(mode, shape):
     # Eagerly (Python picks the shifted input), in a tf.function (Switch and
     # Merge pick it) and under XLA (with fused=True) the kernel must see an
     # offset-dominated batch shifted, for outputs, statistics and gradients
-    # of every order, and the others as they are, in one trace.
+    # of every order, and the others as they are, in one trace. 40x8x8 is
+    # more than fused.SUM_LIMIT values per channel: statistics in groups,
+    # the gradient kernel given them.
     layer = BatchNorm(fused=True, momentum=0.0)
-    layer.build((None, 4, 4, 3))
+    layer.build((None,) + shape[1:])
     rng = np.random.RandomState(9)
-    upstream = tf.constant(rng.normal(0.0, 1.0, (16, 4, 4, 3)), tf.float32)
+    upstream = tf.constant(rng.normal(0.0, 1.0, shape), tf.float32)
 
     def step(x):
         with tf.GradientTape() as outer:
@@ -342,7 +345,7 @@ def test_offset_dominated_batch_is_shifted_to_every_order(mode):
     if mode != "eager":
         step = tf.function(step, jit_compile=mode == "xla")
     for offset in (0.0, 3e4):
-        x64 = offset + rng.normal(0.0, 1.0, (16, 4, 4, 3))
+        x64 = offset + rng.normal(0.0, 1.0, shape)
         y, dx, ddx = step(tf.constant(x64, tf.float32))
         # The reference sees the float32 data, centred in float64.
         x32 = x64.astype(np.float32).astype(np.float64)
@@ -352,7 +355,7 @@ def test_offset_dominated_batch_is_shifted_to_every_order(mode):
         np.testing.assert_allclose(y, want, rtol=2e-3, atol=2e-3)
         centred = tf.constant(x32 - x32.mean(axis=(0, 1, 2)), tf.float32)
         ref = BatchNorm(fused=False)
-        ref.build((None, 4, 4, 3))
+        ref.build((None,) + shape[1:])
 
         def reference(x):
             with tf.GradientTape() as outer:
@@ -372,3 +375,103 @@ def test_offset_dominated_batch_is_shifted_to_every_order(mode):
     if mode != "eager":
         assert step.experimental_get_tracing_count() == 1
 
+
+
+# --- statistics of batches larger than the kernel sums at once -------------
+
+
+def _few_valued_or_offset(data, shape):
+    """0/1 data (few distinct values: the worst case for a float32 running
+    sum, whose rounding then errs the same way at every step), or data at
+    1e6 with std 0.1 (which float32 leaves 1 to 3 distinct values per std)."""
+    rng = np.random.default_rng(11)
+    channels = shape[-1]
+    if data == "binary":
+        return (rng.random(shape) < np.linspace(0.01, 0.5, channels)).astype(np.float32)
+    means = 1e6 * np.linspace(1.0, 2.0, channels)
+    return (means + np.linspace(0.1, 1.0, channels) * rng.standard_normal(shape)).astype(
+        np.float32)
+
+
+@cpu_only
+@pytest.mark.parametrize("mode", ["eager", "graph", "graph_unknown", "xla"])
+@pytest.mark.parametrize("shape", [(131, 32, 32, 4), (2**17 + 37, 4)])
+@pytest.mark.parametrize("data", ["binary", "offset"])
+def test_statistics_exact_beyond_what_the_kernel_sums_at_once(data, shape, mode):
+    # 134144 and 131109 values per channel. Measured in one call, the
+    # kernel's variance of the 0/1 data was off by 1.3e-3 (oneDNN) to
+    # 2.0e-3 (Eigen) relative, of the data at 1e6 by 1.6e-4 to 2.9e-4:
+    # above the 1e-4 bound of tests/test_offsets.py, which holds here
+    # (measured within 1.3e-5: each group sums at most SUM_LIMIT values).
+    # 131 * 1024 and 2^17 + 37 rows are no multiple of the groups: a tail.
+    x = _few_valued_or_offset(data, shape)
+    layer = BatchNorm(fused=True, momentum=0.0)
+    layer.build((None,) + shape[1:])
+    if mode == "eager":
+        y = layer(x, training=True)
+    else:
+        spec = tf.TensorSpec((None,) + shape[1:]) if mode == "graph_unknown" else None
+        y = tf.function(lambda t: layer(t, training=True), jit_compile=mode == "xla",
+                        input_signature=None if spec is None else [spec])(x)
+    x64 = x.astype(np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean, var = x64.mean(axes), x64.var(axes)
+    np.testing.assert_allclose(layer.moving_variance, var, rtol=1e-4)
+    # A float32 mean at 2e6 is rounded to 0.125 / 2e6 = 6e-8 of it.
+    np.testing.assert_allclose(layer.moving_mean, mean, rtol=2e-7, atol=1e-7)
+    # |y| <= 100 for the rarest 0/1 channel: float32 rounds it to 4e-6.
+    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=5e-5)
+
+
+@cpu_only
+def test_large_batches_take_grouped_statistics_and_small_ones_one_kernel():
+    # Up to SUM_LIMIT values per channel the kernel's own statistics serve
+    # (one call); beyond, or with the size unknown when traced, a call on
+    # the [A/k, k*C] view measures them and the kernel's inference form
+    # normalizes.
+    def kernels(shape):
+        fn = lambda x: fused.train(x, gamma=None, beta=None, epsilon=1e-3, axis=len(shape) - 1)
+        ops = _graph_ops(fn, tf.TensorSpec(shape, tf.float32))
+        return sorted(((op.inputs[0].shape.as_list(), op.get_attr("is_training"))
+                       for op in ops if op.type == "FusedBatchNormV3"), key=str)
+
+    limit = fused.SUM_LIMIT
+    assert kernels([limit // 64, 8, 8, 3]) == [([1, 8, 8, 3], True), ([32, 8, 8, 3], True)]
+    # 4103 rows: 3 groups of 1367 (3 channels each: 9), 2 rows over.
+    big = kernels([2 * limit + 7, 3])
+    assert ([1367, 1, 1, 9], True) in big and ([2, 1, 1, 3], True) in big
+    assert ([2 * limit + 7, 1, 1, 3], False) in big
+    unknown = kernels([None, 8, 8, 3])
+    assert ([None, 8, 8, 3], False) in unknown
+
+
+@cpu_only
+@pytest.mark.parametrize("bad", ["nan", "empty"])
+def test_grouped_statistics_refuse_bad_batches(bad):
+    # With the batch size unknown the grouped statistics serve every call;
+    # a NaN or an empty batch must still leave the moving statistics as
+    # they were, and an empty one give zero gradients.
+    layer = BatchNorm(fused=True)
+    layer.build((None, 8, 8, 3))
+    layer.moving_mean.assign([1.0, 2.0, 3.0])
+    before = [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 8, 8, 3))])
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return y, tape.gradient(y, [x, layer.gamma, layer.beta])
+
+    x = np.ones((0, 8, 8, 3), np.float32) if bad == "empty" else np.random.default_rng(
+        3).standard_normal((40, 8, 8, 3)).astype(np.float32)
+    if bad == "nan":
+        x[17, 3, 4, 1] = np.nan
+    y, grads = step(x)
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(layer.moving_mean, before[0])
+    np.testing.assert_array_equal(layer.moving_variance, before[1])
+    assert layer.refused_batches == 1
+    if bad == "empty":
+        for g in grads[1:]:
+            np.testing.assert_array_equal(g, np.zeros(3))

@@ -9,6 +9,8 @@ that without copying memory (see `_kernel_view`), and so does a block of
 neighbouring axes; other sets of axes take the TF-ops kernel.
 """
 
+import math
+
 import tensorflow as tf
 
 from keras_bn.backend.tensorflow import conv_fold
@@ -175,8 +177,11 @@ def _shifted_if_needed(view, shift, channel_axis):
         view, shift)[0]
 
 
-def _kernel_gradient(dy, view, seen, out, *, gamma, shift, epsilon, data_format):
+def _kernel_gradient(dy, view, seen, saved, *, gamma, shift, epsilon, data_format):
     """The kernel's gradient (dx, dgamma, dbeta) from the data it saw.
+
+    `saved` holds the three reserve spaces FusedBatchNormGradV3 reads: the
+    forward kernel's own, or on a CPU the statistics normalized with.
 
     A custom gradient itself: `seen` may come out of a Merge, so the second
     derivatives (TensorFlow's registered gradient of FusedBatchNormGradV3)
@@ -187,8 +192,8 @@ def _kernel_gradient(dy, view, seen, out, *, gamma, shift, epsilon, data_format)
 
     def kernel_gradient(dy, seen, gamma):
         return tf.raw_ops.FusedBatchNormGradV3(
-            y_backprop=dy, x=seen, scale=gamma, reserve_space_1=out.reserve_space_1,
-            reserve_space_2=out.reserve_space_2, reserve_space_3=out.reserve_space_3,
+            y_backprop=dy, x=seen, scale=gamma, reserve_space_1=saved[0],
+            reserve_space_2=saved[1], reserve_space_3=saved[2],
             epsilon=epsilon, data_format=data_format, is_training=True)[:3]
 
     @tf.custom_gradient
@@ -206,14 +211,91 @@ def _kernel_gradient(dy, view, seen, out, *, gamma, shift, epsilon, data_format)
     return first_order(dy, view, gamma)
 
 
+# The most values per channel the CPU kernel sums at once. Its float32
+# running sums lose accuracy in proportion to their length, most on data with
+# few distinct values: its variance of 0/1 data is off by 3e-5 relative at
+# 2048 values per channel, 5e-5 at 4096, 1e-4 at 16384 and 6e-3 at 2^20
+# (Eigen; oneDNN about half), and of data at an offset of 1e6 with std 0.1
+# (shifted by the guard) by 2e-5 at 4096 and 1.5e-3 at 2^20
+# (benchmarks/README.md, "Kernel accuracy"). Larger batches have their
+# statistics measured in groups of at most this many values.
+SUM_LIMIT = 2048
+
+
+def _per_channel_count(view, channel_axis):
+    """The values per channel of a kernel view, or None where unknown."""
+    others = [d for i, d in enumerate(view.shape) if i != channel_axis]
+    return None if None in others else math.prod(others)
+
+
+def _grouped_statistics(seen, *, epsilon, data_format):
+    """(mean, biased variance) per channel of a kernel view, float32, with
+    no float32 sum longer than SUM_LIMIT values.
+
+    Channels-last, the rows [A, C] are read as [A/k, k*C] (a free reshape):
+    k channels per channel, each summing every k-th row, which the kernel
+    measures in one call; the k parts are then merged exactly
+    (`ops.merge_moments`), with the last A mod k rows as a part of their
+    own. The kernel's output of that call is not used. Channels-first
+    views have no such free reshape: TF ops' staged reductions.
+    """
+    if data_format == "NCHW":
+        mean, variance = ops.staged_moments(tf.cast(seen, tf.float32), [0, 2, 3])
+        return tf.reshape(mean, [-1]), tf.reshape(variance, [-1])
+    channels = seen.shape[3] if seen.shape[3] is not None else tf.shape(seen)[3]
+    rows = tf.reshape(seen, [-1, channels])
+    total = rows.shape[0]
+    if total is None:
+        total = tf.shape(rows)[0]
+        groups = tf.maximum((total + SUM_LIMIT - 1) // SUM_LIMIT, 1)
+    else:
+        groups = max(-(-total // SUM_LIMIT), 1)
+    length = total // groups
+    body = groups * length
+
+    def measured(part, length, parts):
+        out = _kernel(part, gamma=tf.ones(tf.shape(part)[3:], tf.float32),
+                      beta=tf.zeros(tf.shape(part)[3:], tf.float32), epsilon=epsilon,
+                      data_format="NHWC")
+        count = tf.cast(length, tf.float32)
+        biased = out.batch_variance * tf.math.divide_no_nan(count - 1.0, count)
+        # A part with no rows reports NaN: it counts 0, with finite stand-ins.
+        mean = tf.where(count > 0, out.batch_mean, 0.0)
+        return (tf.fill([parts, channels], count), tf.reshape(mean, [parts, channels]),
+                tf.reshape(tf.where(count > 0, biased, 0.0), [parts, channels]))
+
+    head = rows if isinstance(body, int) and body == total else rows[:body]
+    parts = [measured(tf.reshape(head, [length, 1, 1, groups * channels]), length, groups)]
+    if not (isinstance(body, int) and body == total):
+        tail = rows[body:]
+        parts.append(measured(tf.reshape(tail, [-1, 1, 1, channels]), total - body, 1))
+    counts, means, variances = (tf.concat(list(t), 0) for t in zip(*parts))
+    _, mean, variance = ops.merge_moments(counts, means, variances)
+    return mean, variance
+
+
+def _biased(variance, view, channel_axis):
+    """The kernel's Bessel-corrected n/(n-1) * var (for TF's own moving
+    average) as the biased variance, the semantics here."""
+    n = ops.count_over(view, [i for i in range(4) if i != channel_axis], tf.float32)
+    known = tf.get_static_value(n)
+    if known is None:
+        return variance * ((n - 1.0) / tf.maximum(n, 1.0))
+    return variance * float((known - 1.0) / max(known, 1.0))
+
+
 def train(x, *, gamma, beta, epsilon, axis):
     """Training-mode batch norm by the fused kernel.
 
     On a CPU the kernel sees the batch shifted per channel towards its
     values (see `_sample_shift`) where they lie far from zero, so that its
     float32 sums stay accurate; the shift is added back to the mean it
-    reports. The gradient is the kernel's own (FusedBatchNormGradV3),
-    computed from the data the kernel saw, to every order.
+    reports. A batch of more than SUM_LIMIT values per channel (or of a
+    size unknown when traced) has its statistics measured in groups
+    (`_grouped_statistics`); the kernel then normalizes with them (its
+    inference form: one pass). The gradient is the kernel's own
+    (FusedBatchNormGradV3), computed from the data the kernel saw and the
+    statistics used, to every order.
 
     Args:
         x: float16/bfloat16/float32 input; `axis` non-negative, or a
@@ -228,37 +310,46 @@ def train(x, *, gamma, beta, epsilon, axis):
     channel_axis = _channel_axis(data_format)
     if gpu_visible():
         out = _kernel(view, gamma=gamma, beta=beta, epsilon=epsilon, data_format=data_format)
-        y, mean, variance = out.y, out.batch_mean, out.batch_variance
+        y, mean, variance = out.y, out.batch_mean, _biased(out.batch_variance, view, channel_axis)
     else:
         # The shift in the input's dtype is what is subtracted, and what is
         # added back. Subtracting it from values near it is exact in any
         # precision (Sterbenz); unshifted channels subtract zero.
         shift = tf.cast(_sample_shift(view, gamma=gamma, beta=beta, epsilon=epsilon,
                                       data_format=data_format), view.dtype)
+        count = _per_channel_count(view, channel_axis)
+        grouped = count is None or count > SUM_LIMIT
 
         @tf.custom_gradient
         def normalize(view, gamma, beta):
             seen = _shifted_if_needed(view, shift, channel_axis)
-            out = _kernel(seen, gamma=gamma, beta=beta, epsilon=epsilon,
-                          data_format=data_format)
+            if grouped:
+                mean, variance = _grouped_statistics(seen, epsilon=epsilon,
+                                                     data_format=data_format)
+                y = _infer_kernel(seen, mean=mean, variance=variance, gamma=gamma, beta=beta,
+                                  epsilon=epsilon, data_format=data_format)
+                # What FusedBatchNormGradV3 reads on a CPU: the mean and
+                # the biased variance it normalized with.
+                saved = (mean, variance, tf.zeros([0], tf.float32))
+            else:
+                out = _kernel(seen, gamma=gamma, beta=beta, epsilon=epsilon,
+                              data_format=data_format)
+                y, mean = out.y, out.batch_mean
+                variance = _biased(out.batch_variance, view, channel_axis)
+                saved = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
 
             def backward(dy, *_):
-                return _kernel_gradient(dy, view, seen, out, gamma=gamma, shift=shift,
+                return _kernel_gradient(dy, view, seen, saved, gamma=gamma, shift=shift,
                                         epsilon=epsilon, data_format=data_format)
 
-            mean = out.batch_mean + tf.cast(shift, tf.float32)
-            return (out.y, mean, out.batch_variance), backward
+            return (y, mean + tf.cast(shift, tf.float32), variance), backward
 
         y, mean, variance = normalize(view, gamma, beta)
-    # The kernel reports the Bessel-corrected variance n/(n-1) * var (for
-    # TF's own moving average); the semantics here are the biased one.
     n = ops.count_over(view, [i for i in range(4) if i != channel_axis], tf.float32)
     known, channels = tf.get_static_value(n), view.shape[channel_axis]
     if known is None or channels is None:
-        variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
         count = tf.fill(tf.shape(mean), n)
     else:
-        variance = variance * float((known - 1.0) / max(known, 1.0))
         count = tf.constant(known, tf.float32, shape=[channels])
     return (y if view is x else tf.reshape(y, tf.shape(x))), ops.BatchStats(count, mean, variance)
 
