@@ -253,23 +253,27 @@ def _grouped_statistics(seen, *, epsilon, data_format):
     length = total // groups
     body = groups * length
 
-    def measured(part, length, parts):
-        out = _kernel(part, gamma=tf.ones(tf.shape(part)[3:], tf.float32),
-                      beta=tf.zeros(tf.shape(part)[3:], tf.float32), epsilon=epsilon,
-                      data_format="NHWC")
-        count = tf.cast(length, tf.float32)
-        biased = out.batch_variance * tf.math.divide_no_nan(count - 1.0, count)
-        # A part with no rows reports NaN: it counts 0, with finite stand-ins.
-        mean = tf.where(count > 0, out.batch_mean, 0.0)
-        return (tf.fill([parts, channels], count), tf.reshape(mean, [parts, channels]),
-                tf.reshape(tf.where(count > 0, biased, 0.0), [parts, channels]))
+    def measured(part, parts):
+        """Per part and channel, [parts, C]: the mean and biased variance
+        (on a CPU the kernel's reserve spaces hold them)."""
+        width = tf.shape(part)[3:]
+        out = _kernel(part, gamma=tf.ones(width, tf.float32), beta=tf.zeros(width, tf.float32),
+                      epsilon=epsilon, data_format="NHWC")
+        return (tf.reshape(out.reserve_space_1, [parts, channels]),
+                tf.reshape(out.reserve_space_2, [parts, channels]))
 
-    head = rows if isinstance(body, int) and body == total else rows[:body]
-    parts = [measured(tf.reshape(head, [length, 1, 1, groups * channels]), length, groups)]
-    if not (isinstance(body, int) and body == total):
-        tail = rows[body:]
-        parts.append(measured(tf.reshape(tail, [-1, 1, 1, channels]), total - body, 1))
-    counts, means, variances = (tf.concat(list(t), 0) for t in zip(*parts))
+    if isinstance(body, int) and body == total:
+        # Every part the same size (a static shape that the groups divide,
+        # nearly every convolution's): plain means over the parts.
+        means, variances = measured(tf.reshape(rows, [length, 1, 1, groups * channels]), groups)
+        mean = tf.reduce_mean(means, 0)
+        return mean, tf.reduce_mean(variances + tf.square(means - mean), 0)
+    parts = [measured(tf.reshape(rows[:body], [length, 1, 1, groups * channels]), groups),
+             measured(tf.reshape(rows[body:], [-1, 1, 1, channels]), 1)]
+    lengths = [tf.cast(length, tf.float32), tf.cast(total - body, tf.float32)]
+    # A part with no rows reports NaN: it counts 0, with finite stand-ins.
+    counts = tf.concat([tf.fill([n, channels], c) for n, c in zip((groups, 1), lengths)], 0)
+    means, variances = (tf.where(counts > 0, tf.concat(list(t), 0), 0.0) for t in zip(*parts))
     _, mean, variance = ops.merge_moments(counts, means, variances)
     return mean, variance
 
