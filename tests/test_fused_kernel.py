@@ -395,17 +395,23 @@ def _few_valued_or_offset(data, shape):
 
 @cpu_only
 @pytest.mark.parametrize("mode", ["eager", "graph", "graph_unknown", "xla"])
-@pytest.mark.parametrize("shape", [(131, 32, 32, 4), (2**17 + 37, 4)])
+@pytest.mark.parametrize("shape,axis", [((131, 32, 32, 4), -1), ((2**17 + 37, 4), -1),
+                                        ((33, 4, 64, 64), 1)])
 @pytest.mark.parametrize("data", ["binary", "offset"])
-def test_statistics_exact_beyond_what_the_kernel_sums_at_once(data, shape, mode):
+def test_statistics_exact_beyond_what_the_kernel_sums_at_once(data, shape, axis, mode):
     # 134144 and 131109 values per channel. Measured in one call, the
     # kernel's variance of the 0/1 data was off by 1.3e-3 (oneDNN) to
     # 2.0e-3 (Eigen) relative, of the data at 1e6 by 1.6e-4 to 2.9e-4:
     # above the 1e-4 bound of tests/test_offsets.py, which holds here
     # (measured within 1.3e-5: each group sums at most SUM_LIMIT values).
     # 131 * 1024 and 2^17 + 37 rows are no multiple of the groups: a tail.
-    x = _few_valued_or_offset(data, shape)
-    layer = BatchNorm(fused=True, momentum=0.0)
+    # Channels first (fused=True), TF ops' staged sums measure the batch.
+    if axis == 1:
+        x = np.moveaxis(_few_valued_or_offset(data, shape[:1] + shape[2:] + shape[1:2]), -1, 1)
+        x = np.ascontiguousarray(x)
+    else:
+        x = _few_valued_or_offset(data, shape)
+    layer = BatchNorm(fused=True, momentum=0.0, axis=axis)
     layer.build((None,) + shape[1:])
     if mode == "eager":
         y = layer(x, training=True)
@@ -414,13 +420,15 @@ def test_statistics_exact_beyond_what_the_kernel_sums_at_once(data, shape, mode)
         y = tf.function(lambda t: layer(t, training=True), jit_compile=mode == "xla",
                         input_signature=None if spec is None else [spec])(x)
     x64 = x.astype(np.float64)
-    axes = tuple(range(x.ndim - 1))
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
     mean, var = x64.mean(axes), x64.var(axes)
     np.testing.assert_allclose(layer.moving_variance, var, rtol=1e-4)
     # A float32 mean at 2e6 is rounded to 0.125 / 2e6 = 6e-8 of it.
     np.testing.assert_allclose(layer.moving_mean, mean, rtol=2e-7, atol=1e-7)
     # |y| <= 100 for the rarest 0/1 channel: float32 rounds it to 4e-6.
-    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=5e-5)
+    keep = [-1 if i == axis % x.ndim else 1 for i in range(x.ndim)]
+    want = (x64 - mean.reshape(keep)) / np.sqrt(var.reshape(keep) + 1e-5)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=5e-5)
 
 
 @cpu_only

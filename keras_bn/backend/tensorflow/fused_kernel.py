@@ -213,11 +213,11 @@ def _kernel_gradient(dy, view, seen, saved, *, gamma, shift, epsilon, data_forma
 
 # The most values per channel the CPU kernel sums at once. Its float32
 # running sums lose accuracy in proportion to their length, most on data with
-# few distinct values: its variance of 0/1 data is off by 3e-5 relative at
-# 2048 values per channel, 5e-5 at 4096, 1e-4 at 16384 and 6e-3 at 2^20
-# (Eigen; oneDNN about half), and of data at an offset of 1e6 with std 0.1
-# (shifted by the guard) by 2e-5 at 4096 and 1.5e-3 at 2^20
-# (benchmarks/README.md, "Kernel accuracy"). Larger batches have their
+# few distinct values: its variance of 0/1 data is off by up to 3e-5 relative
+# at 2048 values per channel, 5e-5 at 4096, 1e-4 to 2e-4 at 16384 and 8e-3
+# at 2^20, and of data at an offset of 1e6 with std 0.1 (shifted by the
+# guard) by 2e-5 at 4096 and up to 4e-3 at 2^20 (oneDNN and Eigen alike;
+# benchmarks/README.md, "Kernel accuracy"). Larger batches have their
 # statistics measured in groups of at most this many values.
 SUM_LIMIT = 2048
 
