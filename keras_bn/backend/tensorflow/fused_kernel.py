@@ -9,8 +9,6 @@ that without copying memory (see `_kernel_view`), and so does a block of
 neighbouring axes; other sets of axes take the TF-ops kernel.
 """
 
-import math
-
 import tensorflow as tf
 
 from keras_bn.backend.tensorflow import conv_fold
@@ -222,12 +220,6 @@ def _kernel_gradient(dy, view, seen, saved, *, gamma, shift, epsilon, data_forma
 SUM_LIMIT = 2048
 
 
-def _per_channel_count(view, channel_axis):
-    """The values per channel of a kernel view, or None where unknown."""
-    others = [d for i, d in enumerate(view.shape) if i != channel_axis]
-    return None if None in others else math.prod(others)
-
-
 def _grouped_statistics(seen, *, epsilon, data_format):
     """(mean, biased variance) per channel of a kernel view, float32, with
     no float32 sum longer than SUM_LIMIT values.
@@ -278,11 +270,10 @@ def _grouped_statistics(seen, *, epsilon, data_format):
     return mean, variance
 
 
-def _biased(variance, view, channel_axis):
+def _biased(variance, n, known):
     """The kernel's Bessel-corrected n/(n-1) * var (for TF's own moving
-    average) as the biased variance, the semantics here."""
-    n = ops.count_over(view, [i for i in range(4) if i != channel_axis], tf.float32)
-    known = tf.get_static_value(n)
+    average) as the biased variance, the semantics here; `known` is the
+    count `n` where static, else None."""
     if known is None:
         return variance * ((n - 1.0) / tf.maximum(n, 1.0))
     return variance * float((known - 1.0) / max(known, 1.0))
@@ -312,17 +303,19 @@ def train(x, *, gamma, beta, epsilon, axis):
     view, data_format = _kernel_view(x, axis)
     gamma, beta = _filled(view, data_format, gamma=gamma, beta=beta)
     channel_axis = _channel_axis(data_format)
+    # Values per channel; `known` where the shape tells it when traced.
+    n = ops.count_over(view, [i for i in range(4) if i != channel_axis], tf.float32)
+    known = tf.get_static_value(n)
     if gpu_visible():
         out = _kernel(view, gamma=gamma, beta=beta, epsilon=epsilon, data_format=data_format)
-        y, mean, variance = out.y, out.batch_mean, _biased(out.batch_variance, view, channel_axis)
+        y, mean, variance = out.y, out.batch_mean, _biased(out.batch_variance, n, known)
     else:
         # The shift in the input's dtype is what is subtracted, and what is
         # added back. Subtracting it from values near it is exact in any
         # precision (Sterbenz); unshifted channels subtract zero.
         shift = tf.cast(_sample_shift(view, gamma=gamma, beta=beta, epsilon=epsilon,
                                       data_format=data_format), view.dtype)
-        count = _per_channel_count(view, channel_axis)
-        grouped = count is None or count > SUM_LIMIT
+        grouped = known is None or known > SUM_LIMIT
 
         @tf.custom_gradient
         def normalize(view, gamma, beta):
@@ -339,7 +332,7 @@ def train(x, *, gamma, beta, epsilon, axis):
                 out = _kernel(seen, gamma=gamma, beta=beta, epsilon=epsilon,
                               data_format=data_format)
                 y, mean = out.y, out.batch_mean
-                variance = _biased(out.batch_variance, view, channel_axis)
+                variance = _biased(out.batch_variance, n, known)
                 saved = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
 
             def backward(dy, *_):
@@ -349,8 +342,7 @@ def train(x, *, gamma, beta, epsilon, axis):
             return (y, mean + tf.cast(shift, tf.float32), variance), backward
 
         y, mean, variance = normalize(view, gamma, beta)
-    n = ops.count_over(view, [i for i in range(4) if i != channel_axis], tf.float32)
-    known, channels = tf.get_static_value(n), view.shape[channel_axis]
+    channels = view.shape[channel_axis]
     if known is None or channels is None:
         count = tf.fill(tf.shape(mean), n)
     else:

@@ -86,6 +86,12 @@ def _rows(seen):
     return channels_last.reshape(-1, seen.shape[1])
 
 
+def _variance_of(invstd, epsilon):
+    """The variance 1 / invstd^2 - epsilon the kernel normalized with, in
+    float64 (within a few float32 ulps of variance + epsilon), floored at 0."""
+    return torch.clamp(invstd.double().pow(-2) - epsilon, min=0.0)
+
+
 def _grouped_moments(rows, epsilon):
     """(mean, biased variance) per channel of [A, C] rows, float32, with no
     float32 sum longer than SUM_LIMIT values: the rows read as [A/k, k*C]
@@ -110,7 +116,7 @@ def _grouped_moments(rows, epsilon):
             weight = torch.ones(part.shape[1], dtype=torch.float32, device=part.device)
             _, mean, invstd = torch.native_batch_norm(part, weight, None, None, None, True,
                                                       0.0, epsilon)
-            variance = torch.clamp(invstd.double().pow(-2) - epsilon, min=0.0)
+            variance = _variance_of(invstd, epsilon)
         means.append(mean.double().reshape(k, channels))
         variances.append(variance.double().reshape(k, channels))
     # Chan's formula, in torch itself: a few (k, C) ops, where keras.ops'
@@ -176,7 +182,7 @@ def train(x, *, gamma, beta, epsilon, axis):
         y, mean, invstd = torch.native_batch_norm(
             seen, gamma, beta, None, None, True, 0.0, epsilon)
         mean = mean.detach()
-        variance = torch.clamp(invstd.detach().double().pow(-2) - epsilon, min=0.0)
+        variance = _variance_of(invstd.detach(), epsilon)
     else:
         mean, variance = _grouped_moments(rows, epsilon)
         invstd = torch.rsqrt(variance.double() + epsilon).float()
