@@ -1,7 +1,13 @@
 """A float64 NumPy reference for batch normalization, written from the
 formula and sharing no code with keras_bn, and small shared test helpers."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def np_batch_norm(
@@ -70,3 +76,24 @@ def penalty_gradient(f, x, v, sources):
         g = inner.gradient(s, x)
         penalty = tf.reduce_sum(g * g)
     return outer.gradient(penalty, sources)
+
+
+def run_benchmark(name, *args, timeout=300):
+    """benchmarks/NAME with ARGS in a fresh process (this Python and
+    environment, the checkout as its working directory); its stdout once it
+    succeeded."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def few_valued(shape, seed=0):
+    """0/1 float32 data, p = 0.01..0.5 along the last axis: few distinct
+    values, the worst case for a float32 running sum, whose rounding then
+    errs the same way at every step."""
+    rng = np.random.default_rng(seed)
+    return (rng.random(shape) < np.linspace(0.01, 0.5, shape[-1])).astype(np.float32)

@@ -9,24 +9,15 @@ import sys
 
 import pytest
 
+from tests.reference import run_benchmark
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(name, *args, timeout=300):
-    """benchmarks/NAME with ARGS in a fresh process; its stdout once it succeeded."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 @pytest.mark.slow
 def test_layer_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    stdout = run_script("bench_layers.py", "--quick", "--json", str(out))
+    stdout = run_benchmark("bench_layers.py", "--quick", "--json", str(out))
     assert "ratio" in stdout and "bn/copy" in stdout
     data = json.loads(out.read_text())
     assert data["environment"]["tensorflow"]
@@ -39,7 +30,7 @@ def test_layer_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
 
 def test_kernel_accuracy_quick_mode_measures_every_kernel_on_every_kind_of_data(tmp_path):
     out = tmp_path / "accuracy.json"
-    stdout = run_script("kernel_accuracy.py", "--quick", "--json", str(out))
+    stdout = run_benchmark("kernel_accuracy.py", "--quick", "--json", str(out))
     assert "one call" in stdout
     data = json.loads(out.read_text())
     assert data["environment"]["tensorflow"] and data["sum_limit"] > 0
@@ -54,7 +45,7 @@ def test_kernel_accuracy_quick_mode_measures_every_kernel_on_every_kind_of_data(
 @pytest.mark.slow
 def test_fold_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
     out = tmp_path / "fold.json"
-    stdout = run_script("fold_benchmark.py", "--quick", "--batches", "2", "--json", str(out))
+    stdout = run_benchmark("fold_benchmark.py", "--quick", "--batches", "2", "--json", str(out))
     assert "| batch | unfolded ms | folded ms | speed-up |" in stdout
     data = json.loads(out.read_text())
     assert data["environment"]["tensorflow"] and data["environment"]["cpu"]
@@ -67,7 +58,7 @@ def test_fold_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
 @pytest.mark.slow
 def test_model_benchmark_quick_mode_writes_a_table_and_json(tmp_path):
     out = tmp_path / "models.json"
-    stdout = run_script("bench_models.py", "--quick", "--json", str(out), timeout=600)
+    stdout = run_benchmark("bench_models.py", "--quick", "--json", str(out), timeout=600)
     assert "| model | policy | BNs | train ms Keras |" in stdout
     data = json.loads(out.read_text())
     environment = data["environment"]
@@ -137,7 +128,7 @@ def test_in_process_revision_comparison_times_both_copies(tmp_path):
     # HEAD against the working tree: both revisions' layers are imported as
     # copies and timed in one loop, each row naming both times.
     out = tmp_path / "cmp.json"
-    stdout = run_script("compare_revisions.py", "--before", "HEAD", "--in-process",
+    stdout = run_benchmark("compare_revisions.py", "--before", "HEAD", "--in-process",
                         "--cases", "dense 64x16", "--modes", "train_step", "--jit", "off",
                         "--dtypes", "float32", "--repeats", "3", "--json", str(out))
     assert "after/before" in stdout

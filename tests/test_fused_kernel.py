@@ -14,6 +14,7 @@ from keras_bn import BatchNorm
 from keras_bn import batch_norm
 from keras_bn.backend.tensorflow import fused_kernel as fused
 from keras_bn import ops
+from tests.reference import few_valued
 from tests.reference import np_batch_norm
 from tests.reference import random_params
 from tests.reference import train_step_gradients
@@ -381,13 +382,12 @@ def test_offset_dominated_batch_is_shifted_to_every_order(mode, shape):
 
 
 def _few_valued_or_offset(data, shape):
-    """0/1 data (few distinct values: the worst case for a float32 running
-    sum, whose rounding then errs the same way at every step), or data at
-    1e6 with std 0.1 (which float32 leaves 1 to 3 distinct values per std)."""
+    """0/1 data (`few_valued`), or data at 1e6 with std 0.1 (which float32
+    leaves 1 to 3 distinct values per std)."""
+    if data == "binary":
+        return few_valued(shape, seed=11)
     rng = np.random.default_rng(11)
     channels = shape[-1]
-    if data == "binary":
-        return (rng.random(shape) < np.linspace(0.01, 0.5, channels)).astype(np.float32)
     means = 1e6 * np.linspace(1.0, 2.0, channels)
     return (means + np.linspace(0.1, 1.0, channels) * rng.standard_normal(shape)).astype(
         np.float32)

@@ -20,6 +20,7 @@ import keras_bn
 from keras_bn import backend
 from tests.reference import np_batch_norm
 from tests.reference import random_params
+from tests.reference import run_benchmark
 
 BACKEND = keras.config.backend()
 jax_only = pytest.mark.skipif(BACKEND != "jax", reason="JAX's transformations")
@@ -513,16 +514,9 @@ def test_synchronized_under_data_parallel_takes_the_global_batch():
                     "TensorFlow's (tests/test_benchmarks.py)")
 def test_backend_benchmark_runs_and_records_its_conditions(tmp_path):
     import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_backends.py"
     out = tmp_path / "out.json"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)],
-                            env=dict(os.environ), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("bench_backends.py", "--quick", "--json", str(out))
     record = json.loads(out.read_text())
     assert {"backend", "cpu", BACKEND, "keras", "git"} <= set(record["environment"])
     assert {(r["case"], r["mode"]) for r in record["rows"]} == {

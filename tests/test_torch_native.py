@@ -7,6 +7,9 @@ import pytest
 
 import keras
 
+from tests.reference import few_valued
+from tests.reference import run_benchmark
+
 pytestmark = pytest.mark.skipif(keras.config.backend() != "torch",
                                 reason="PyTorch's kernels, under KERAS_BACKEND=torch")
 
@@ -100,13 +103,6 @@ def test_second_derivatives_on_the_keras_ops_route(kwargs, shape, mask, monkeypa
     np.testing.assert_allclose(diff, hvp, atol=1e-2 * np.abs(hvp).max())
 
 
-def _few_valued(shape, seed=0):
-    """0/1 data, p = 0.01..0.5 per channel: few distinct values, the worst
-    case for a float32 running sum."""
-    rng = np.random.default_rng(seed)
-    return torch.tensor((rng.random(shape) < np.linspace(0.01, 0.5, shape[-1])).astype("float32"))
-
-
 @pytest.mark.parametrize("shape", [(131, 32, 32, 4), (2**17 + 37, 4)])
 def test_statistics_exact_beyond_what_the_kernel_sums_at_once(shape):
     # Channels-last and 2-D batches reach kernels that sum in float32: on
@@ -116,7 +112,7 @@ def test_statistics_exact_beyond_what_the_kernel_sums_at_once(shape):
     # the test_offsets bound of 1e-4 asks with room.
     from keras_bn.backend.torch import native_kernel
 
-    x = _few_valued(shape)
+    x = torch.tensor(few_valued(shape))
     assert native_kernel._rows(x.movedim(-1, 1)) is not None
     bn = keras_bn.BatchNorm(momentum=0.0)
     y = bn(x, training=True)
@@ -323,16 +319,9 @@ def test_torch_compile_traces_the_grouped_statistics_in_one_graph():
 
 def test_sum_limit_benchmark_runs_and_records_its_conditions(tmp_path):
     import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_sum_limit.py"
     out = tmp_path / "out.json"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)],
-                            env=dict(os.environ), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("torch_sum_limit.py", "--quick", "--json", str(out))
     record = json.loads(out.read_text())
     assert {"backend", "cpu", "torch", "keras", "git"} <= set(record["environment"])
     rows = {tuple(r["shape"]): r for r in record["rows"]}
