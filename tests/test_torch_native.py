@@ -329,3 +329,21 @@ def test_sum_limit_benchmark_runs_and_records_its_conditions(tmp_path):
     for row in rows.values():
         assert all(ms > 0 for ms in row["ms"].values())
         assert row["variance_error"]["grouped"] < 1e-4
+
+
+def test_grouped_statistics_refuse_a_nan_batch():
+    # A NaN beyond SUM_LIMIT values per channel (grouped statistics) leaves
+    # the moving statistics as they were, as on the one-call route.
+    from keras_bn.backend.torch import native_kernel
+
+    x = _x((40, 8, 8, 3))
+    x[17, 3, 4, 1] = float("nan")
+    assert native_kernel._rows(x.movedim(-1, 1)) is not None
+    bn = keras_bn.BatchNorm()
+    bn.build(x.shape)
+    bn.moving_mean.assign([1.0, 2.0, 3.0])
+    before = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    assert tuple(bn(x, training=True).shape) == (40, 8, 8, 3)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
+    assert bn.refused_batches == 1
